@@ -125,8 +125,7 @@ class RunDir:
         if cfg_path.exists() or self.checkpoint_path.exists():
             if not resume:
                 raise UserError(f"{self.path} already holds a run; pass --resume to continue it, or choose a new --out")
-            old = cfg_path.read_text() if cfg_path.exists() else ""
-            if old != new:
+            if cfg_path.exists() and cfg_path.read_text() != new:
                 raise UserError(f"{self.path}/config.toml differs from this config; resume with the same settings, or use a new --out")
         if self.dist.main:
             atomic_write_bytes(cfg_path, new.encode())

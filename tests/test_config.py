@@ -1,0 +1,37 @@
+import pytest
+
+from privoffload import config
+from privoffload.config import ClassifierConfig
+from privoffload.errors import UserError
+
+
+def test_defaults_file_sets_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('epochs = 7\nsubset = "first:100"\n[optim]\nlr = 0.2\n')
+    cfg = config.load(ClassifierConfig, f, sets=["optim.momentum=0.5", "flip=true"], overrides={"epochs": 3, "width": None})
+    assert (cfg.epochs, cfg.subset, cfg.optim.lr, cfg.optim.momentum, cfg.flip, cfg.width) == (3, "first:100", 0.2, 0.5, True, 64)
+    again = config.from_dict(ClassifierConfig, __import__("tomllib").loads(config.to_toml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["epoch=3"], "unknown key epoch"),
+    (["optim.lrr=1"], "unknown key optim.lrr"),
+    (["epochs=\"many\""], "epochs must be int"),
+    (["epochs=0"], "must be > 0"),
+    (["precision=fp8"], "not one of"),
+    (["subset=\"last:5\""], "not one of"),
+    (["optim.name=\"rmsprop\""], "optim.name"),
+    (["width"], "not key=value"),
+])
+def test_bad_settings_are_named(sets, words):
+    with pytest.raises(UserError, match=words):
+        config.load(ClassifierConfig, sets=sets)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(ClassifierConfig, tmp_path / "none.toml")
+    (tmp_path / "bad.toml").write_text("epochs = = 3")
+    with pytest.raises(UserError, match="not valid TOML"):
+        config.load(ClassifierConfig, tmp_path / "bad.toml")
