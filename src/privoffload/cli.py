@@ -99,6 +99,31 @@ def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to un
     typer.echo(f"unpacked into {download(root, layout)}")
 
 
+@command("reproduce")
+def reproduce_cmd(
+    out: Annotated[Path, typer.Option("--out", help="protocol folder (give the same command again to continue)")],
+    profile: Annotated[str, typer.Option(help="smoke | quick | paper | auto (paper on CUDA, quick on a CPU)")] = "auto",
+    set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
+):
+    """Run the paper's whole protocol (C0, O0, drift, recovery, fresh attack), its figures and report.md."""
+    from .experiments.protocol import auto_profile, load_profile, reproduce
+
+    name = auto_profile(device) if profile == "auto" else profile
+    cfg = load_profile(name, set_)
+    report = reproduce(cfg, out, data_root=str(data) if data else None, device=device)
+    typer.echo(f"report: {report}")
+
+
+@command("plot")
+def plot_cmd(run: Annotated[Path, typer.Argument(help="a protocol folder made by reproduce")], data: DataOpt = None):
+    """Redraw a protocol folder's figures and report.md from its logs, without training."""
+    from .experiments.report import write_report
+
+    if not run.is_dir():
+        raise UserError(f"{run} is not a folder; give the --out of a reproduce run")
+    typer.echo(f"report: {write_report(run, data_root=str(data) if data else None)}")
+
+
 def main() -> None:
     app(prog_name="privoffload")
 
