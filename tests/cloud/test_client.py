@@ -140,8 +140,9 @@ def test_errors_are_typed_and_one_line(repo, weights, cifar):
     with pytest.raises(BadServer, match="does not answer like an inference server"):
         Client(f"http://127.0.0.1:{web.server_address[1]}", obf).classify(x)
     web.shutdown()
-    with pytest.raises(UserError, match="must be a URL"):
-        Client("localhost:8000", obf)
+    for url in ("localhost:8000", "http://", "http://[::1"):
+        with pytest.raises(UserError, match="must be a URL"):
+            Client(url, obf)
 
 
 class Unavailable:

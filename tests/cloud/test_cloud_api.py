@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import time
 
 import httpx
 import numpy as np
@@ -195,9 +196,14 @@ def test_logs_are_json_lines_without_image_data(live, caplog):
         body, headers = binary_request(pixels)
         assert httpx.post(f"{live.url}/v2/models/{MODEL}/infer", content=body, headers={**auth(), **headers}).status_code == 200
         httpx.post(f"{live.url}/v2/models/{MODEL}/infer", json=infer_json(pixels.astype(int) + 200), headers=auth())
-    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "privoffload.cloud"]
-    records = [json.loads(line) for line in lines]
-    infers = [r for r in records if r.get("route") == "/v2/models/{name}/infer"]  # (a line may come after its response)
+        deadline = time.monotonic() + 10
+        while True:  # a request's line is written just after its response is sent
+            lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "privoffload.cloud"]
+            records = [json.loads(line) for line in lines]
+            infers = [r for r in records if r.get("route") == "/v2/models/{name}/infer"]
+            if {200, 400} <= {r["status"] for r in infers} or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     ok = next(r for r in infers if r["status"] == 200)
     assert ok["images"] == 2 and ok["model_version"] == 2 and ok["model"] == MODEL
     bad = next(r for r in infers if r["status"] == 400)

@@ -118,14 +118,20 @@ def test_hot_swap_under_load(tmp_path, weights, cifar):
         for t in threads:
             t.start()
         timeline = []  # (started, returned, version)
+
+        def settle():  # let every version answer a fair share of requests, however loaded the machine is
+            target, deadline = len(records) + 3 * clients, time.monotonic() + 20
+            while len(records) < target and time.monotonic() < deadline and not errors:
+                time.sleep(0.02)
+
         try:
-            time.sleep(0.4)
+            settle()
             for v in range(2, swaps + 2):
                 started = time.perf_counter()
                 r = load(server, v)
                 timeline.append((started, time.perf_counter(), str(v)))
                 assert r.status_code == 200, r.text
-                time.sleep(0.4)
+                settle()
         finally:
             stop.set()
             for t in threads:

@@ -69,7 +69,11 @@ class Client:
                  model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 3, backoff: float = 0.25,
                  binary: bool = True, images_per_request: int = 256, model_version: str | None = None,
                  on_version_change: VersionHook | None = None, transport: httpx.BaseTransport | None = None):
-        if not server.startswith(("http://", "https://")):
+        try:
+            valid = server.startswith(("http://", "https://")) and bool(httpx.URL(server).host)
+        except httpx.InvalidURL:
+            valid = False
+        if not valid:
             raise ClientError(f"server {server!r} must be a URL like http://host:8000")
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
         self.url = f"{server.rstrip('/')}/v2/models/{model}/infer"
@@ -147,6 +151,8 @@ class Client:
                 if last:
                     raise ServerUnavailable(f"cannot reach {self.server} ({type(e).__name__}: {str(e)[:80]}) "
                                             f"after {attempt + 1} tries; is the server running?") from None
+            except httpx.HTTPError as e:  # e.g. an undecodable response
+                raise BadServer(f"{self.server} sent a broken response ({type(e).__name__}: {str(e)[:80]})") from None
             else:
                 if response.status_code != 503 or last:
                     return self._check(response)
