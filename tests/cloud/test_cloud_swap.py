@@ -9,7 +9,6 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 import torch
 import tritonclient.http as triton
 
