@@ -98,6 +98,67 @@ def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to un
         raise UserError(f"--layout {layout!r} is not bin or py")
     typer.echo(f"unpacked into {download(root, layout)}")
 
+# ---------------------------------------------------------------- the offload system: cloud and client
+
+@command("serve")
+def serve_cmd(
+    repo: Annotated[Optional[Path], typer.Option("--repo", help="model repository folder")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address to listen on")] = None,
+    port: Annotated[Optional[int], typer.Option(help="TCP port")] = None,
+    batch_window_ms: Annotated[Optional[float], typer.Option(help="micro-batching window; 0 = off")] = None,
+    serve_weights: Annotated[Optional[bool], typer.Option("--serve-weights/--no-serve-weights",
+                                                          help="let clients download each version's weights")] = None,
+    no_auth: Annotated[Optional[bool], typer.Option("--no-auth", help="no tokens (trusted networks only)")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, device: Annotated[Optional[str], typer.Option("--device")] = None,
+):
+    """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN
+    and PRIVOFFLOAD_ADMIN_TOKEN)."""
+    from .cloud.app import serve
+    from .config import ServeConfig
+
+    cfg = config_mod.load(ServeConfig, config, sets=set_, overrides={
+        "repo": str(repo) if repo else None, "host": host, "port": port, "batch_window_ms": batch_window_ms,
+        "serve_weights": serve_weights, "no_auth": no_auth, "device": device})
+    serve(cfg)
+
+
+@command("publish")
+def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folder, or its .safetensors file")],
+                repo: Annotated[Path, typer.Option("--repo", help="model repository folder")],
+                name: Annotated[str, typer.Option(help="model name")] = "cifar10-resnet18"):
+    """Add a trained classifier to the repository as the next version (atomically)."""
+    from .cloud.repository import Repository
+
+    weights = run / "classifier.safetensors" if run.is_dir() else run
+    m = Repository(repo).publish(weights, name, source=str(run))
+    typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}...)")
+
+
+@command("classify")
+def classify_cmd(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files")],
+    server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. http://127.0.0.1:8000")],
+    obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder or .safetensors file")],
+    model: Annotated[str, typer.Option(help="model name on the server")] = "cifar10-resnet18",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 30.0,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Obfuscate images here and have the cloud classify them; only obfuscated pixels leave this machine.
+    The token comes from PRIVOFFLOAD_TOKEN."""
+    import os
+
+    from .client import Client
+
+    with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout) as client:
+        result = client.classify_files(images)
+    rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
+            for p, c, lab, pr, v in zip(images, result.classes, result.labels, result.probabilities, result.versions)]
+    if json_out:
+        typer.echo(json.dumps(rows))
+    else:
+        for r in rows:
+            typer.echo(f"{r['file']}\t{r['label']}\t{r['probability']:.3f}\tversion {r['model_version']}")
+
 
 @command("reproduce")
 def reproduce_cmd(

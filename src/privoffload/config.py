@@ -162,3 +162,32 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def to_toml(cfg: Any) -> str:
     return tomli_w.dumps(to_dict(cfg))
+
+
+@dataclass
+class ServeConfig:
+    """The cloud service (`privoffload serve`). Tokens are not settings: they come from the environment."""
+
+    repo: str = "models"  # the model repository folder
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto | cpu | cuda
+    batch_window_ms: float = 2.0  # how long a batch waits for more requests; 0 = no micro-batching
+    max_batch_images: int = 256  # images per forward pass
+    max_request_images: int = 256  # images per request
+    max_body_mb: float = 16.0  # larger request bodies are answered with 413
+    threads: int = 0  # CPU threads for the model (0 = torch's default); fewer than cores when the CPU is shared
+    serve_weights: bool = False  # let clients download each version's weights (white-box re-sync)
+    no_auth: bool = False  # serve without tokens (trusted networks and tests only)
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        for name in ("max_batch_images", "max_request_images", "max_body_mb"):
+            _positive(name, getattr(self, name))
+        if self.threads < 0:
+            raise UserError(f"config: threads = {self.threads} must be >= 0")
+        if self.batch_window_ms < 0:
+            raise UserError(f"config: batch_window_ms = {self.batch_window_ms} must be >= 0")
+        if not 0 <= self.port < 65536:
+            raise UserError(f"config: port = {self.port} is not a TCP port")
+        _choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

@@ -1,0 +1,12 @@
+"""The device side: obfuscate locally, upload only O(x), read the classes and the model version.
+
+The client knows only the obfuscator (and whatever the cloud chooses to publish).
+"""
+
+from .client import (DEFAULT_MODEL, AuthError, BadServer, Client, ClientError, RequestRejected, Result,
+                     ServerUnavailable)
+from .images import read_images
+from .obfuscator import load_obfuscator, quantize
+
+__all__ = ["Client", "Result", "ClientError", "ServerUnavailable", "AuthError", "RequestRejected", "BadServer",
+           "DEFAULT_MODEL", "load_obfuscator", "quantize", "read_images"]

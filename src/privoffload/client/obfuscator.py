@@ -1,0 +1,63 @@
+"""The one way the client gets its obfuscator: `load_obfuscator(path)` -> a function on image batches.
+
+Everything that obfuscates on the device goes through this function, so a faster inference path
+(another runtime, another precision) plugs in here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import nets
+from ..errors import UserError
+
+Obfuscate = Callable[[np.ndarray], np.ndarray]
+WEIGHTS = "obfuscator.safetensors"
+
+
+def obfuscator_path(path: str | Path) -> Path:
+    """A run folder means its obfuscator.safetensors; a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass an obfuscator run folder or its {WEIGHTS}")
+    return path
+
+
+def as_float_images(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels 0..255 or floats in [0, 1], [N, 3, 32, 32] (or one [3, 32, 32]) -> float32 in [0, 1]."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1:] != (3, 32, 32) or len(arr) == 0:
+        raise UserError(f"images must be [N, 3, 32, 32] (channels first), got shape {list(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255
+    if arr.dtype.kind != "f":
+        raise UserError(f"images must be uint8 pixels or floats in [0, 1], got {arr.dtype}")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+        raise UserError("float images must be finite and lie in [0, 1]")
+    return arr.astype(np.float32, copy=False)
+
+
+def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256) -> Obfuscate:
+    """Load O from safetensors; the result maps images (uint8 or float) to O(x), float32 in [0, 1]."""
+    net = nets.load(obfuscator_path(path), expect="codec", device=device).eval()
+
+    @torch.inference_mode()
+    def obfuscate(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(as_float_images(images))
+        out = [net(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy()
+
+    return obfuscate
+
+
+def quantize(obfuscated: np.ndarray) -> np.ndarray:
+    """O(x) as the 8-bit pixels that are uploaded (the same rounding as `metrics.quantize8`)."""
+    return np.rint(np.clip(obfuscated, 0, 1) * 255).astype(np.uint8)

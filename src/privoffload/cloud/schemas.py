@@ -1,0 +1,131 @@
+"""Typed request and response bodies of the REST API (Open Inference Protocol v2 shapes).
+
+They drive the OpenAPI schema (`/openapi.json`) that clients and the fuzzing tests read. The
+inference body is parsed by hand (it may be JSON followed by binary data), so its schema is
+written out here once, as plain JSON Schema.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE
+    reason: str
+
+
+class LoadResult(BaseModel):
+    name: str
+    version: str
+    previous_version: str | None
+
+
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
+    (400, "malformed request, or a model version that cannot be used"),
+    (401, "missing or invalid bearer token"),
+    (403, "the route needs the admin token"),
+    (404, "no such model, version or route"),
+    (413, "request body too large"),
+    (415, "unsupported Content-Encoding"),
+)}
+
+_PARAMETERS = {"type": "object", "additionalProperties": True}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": _PARAMETERS,
+        "data": {"type": "array"},
+    },
+}
+INFER_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": _PARAMETERS,
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"}, "parameters": _PARAMETERS}}},
+    },
+}
+INFER_RESPONSE = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": _TENSOR},
+    },
+}
+INFER_EXAMPLE = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [128] * 3072}],
+                 "outputs": [{"name": "class"}, {"name": "label"}]}
+INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON; or, with the header Inference-Header-Content-Length, JSON followed by binary tensor data",
+        "content": {"application/json": {"schema": INFER_REQUEST, "example": INFER_EXAMPLE},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    "responses": {"200": {"description": "class probabilities, predicted class and label, with model_version",
+                          "content": {"application/json": {"schema": INFER_RESPONSE},
+                                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+}
+LOAD_OPENAPI = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"parameters": {
+            "type": "object", "properties": {"version": {"type": ["string", "integer"]}}}}}}},
+    },
+}
+INDEX_OPENAPI = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}},
+    },
+}

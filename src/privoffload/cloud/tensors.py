@@ -1,0 +1,98 @@
+"""The classifier's tensors in protocol terms: check an inference request, build its response.
+
+Input `images`: UINT8 pixels 0..255 or FP32 in [0, 1], shape [N, 3, 32, 32]. Outputs:
+`probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the class names).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import oip
+from ..oip import WireError
+
+INPUT = "images"
+INPUT_DATATYPES = ("UINT8", "FP32")
+OUTPUTS = ("probabilities", "class", "label")
+
+
+def metadata(classes: int) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the model metadata. UINT8 is the canonical input; FP32 is accepted too."""
+    inputs = [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+               {"name": "class", "datatype": "INT64", "shape": [-1]},
+               {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+    return inputs, outputs
+
+
+def parse_request(header: dict, tail: memoryview, max_images: int) -> tuple[torch.Tensor, list[tuple[str, bool]], str | None]:
+    """-> (float images [N, 3, 32, 32] in [0, 1], [(output, binary)], request id). WireError if malformed."""
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise WireError("id must be a string")
+    params = header.get("parameters", {})
+    if not isinstance(params, dict):
+        raise WireError("parameters must be an object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise WireError(f"inputs must be a list with exactly one tensor, {INPUT!r}")
+    spec = inputs[0]
+    if spec.get("name") != INPUT:
+        raise WireError(f"unknown input {str(spec.get('name'))[:40]!r}; the model takes {INPUT!r}")
+    if spec.get("datatype") not in INPUT_DATATYPES:
+        raise WireError(f"input datatype must be UINT8 (pixels 0..255) or FP32 (in [0, 1]), got {str(spec.get('datatype'))[:20]!r}")
+    shape = oip.read_shape(spec)
+    if len(shape) != 4 or shape[1:] != [3, 32, 32] or not 1 <= shape[0] <= max_images:
+        raise WireError(f"input shape must be [N, 3, 32, 32] with 1 <= N <= {max_images}, got {shape[:6]}")
+    arr, used = oip.read_tensor(spec, tail, 0)
+    if used != len(tail):
+        raise WireError(f"{len(tail) - used} bytes of binary data belong to no input")
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(arr).float().div_(255)
+    else:
+        if not np.isfinite(arr).all():
+            raise WireError("input holds NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 1:
+            raise WireError("FP32 pixels must lie in [0, 1]")
+        x = torch.from_numpy(arr)
+    return x, _outputs(header, params), request_id
+
+
+def _outputs(header: dict, params: dict) -> list[tuple[str, bool]]:
+    default = params.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise WireError("parameters.binary_data_output must be a boolean")
+    asked = header.get("outputs")
+    if asked is None:
+        return [(name, default) for name in OUTPUTS]
+    if not isinstance(asked, list) or not asked:
+        raise WireError(f"outputs must be a non-empty list of objects naming {', '.join(OUTPUTS)}")
+    out = []
+    for o in asked:
+        if not isinstance(o, dict) or o.get("name") not in OUTPUTS:
+            raise WireError(f"each output must be an object naming one of {', '.join(OUTPUTS)}")
+        p = o.get("parameters", {})
+        if not isinstance(p, dict) or not isinstance(p.get("binary_data", default), bool):
+            raise WireError("output parameters.binary_data must be a boolean")
+        out.append((o["name"], p.get("binary_data", default)))
+    if len({n for n, _ in out}) != len(out):
+        raise WireError("an output is asked for twice")
+    return out
+
+
+def build_response(model: str, version: int, request_id: str | None, probs: np.ndarray, classes: tuple[str, ...],
+                   outputs: list[tuple[str, bool]]) -> tuple[bytes, dict[str, str]]:
+    cls = probs.argmax(1)
+    values = {"probabilities": (probs, "FP32"), "class": (cls, "INT64"),
+              "label": ([classes[i].encode() for i in cls], "BYTES")}
+    header: dict = {"model_name": model, "model_version": str(version)}
+    if request_id is not None:
+        header["id"] = request_id
+    header["outputs"], chunks = [], []
+    for name, binary in outputs:
+        spec, raw = oip.tensor(name, *values[name], binary)
+        header["outputs"].append(spec)
+        if raw is not None:
+            chunks.append(raw)
+    return oip.join_body(header, chunks)

@@ -1,0 +1,93 @@
+"""Helpers of the service tests: small real networks, a real repository, a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+
+from privoffload.cloud.app import create_app
+from privoffload.cloud.auth import Tokens
+from privoffload.cloud.repository import Repository
+from privoffload.config import ServeConfig
+
+TOKEN = "inference-token-for-tests"
+ADMIN = "admin-token-for-the-tests"
+MODEL = "cifar10-resnet18"
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def calibrated(net: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
+    """An untrained network whose BatchNorm statistics are measured on real images (no weight updates):
+    random but input-dependent outputs, unlike a fresh network whose BatchNorms flatten everything."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(images).float() / 255)
+    return net.eval()
+
+
+def fit_head(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
+    """Fit the classifier's last layer by ridge regression on its features of `images` (a linear probe):
+    a few seconds instead of a training run, and predictions that differ from image to image."""
+    fc, net.fc = net.fc, torch.nn.Identity()
+    with torch.no_grad():
+        feats = net(torch.from_numpy(images).float() / 255).double()
+        feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64)], 1)
+        target = torch.nn.functional.one_hot(torch.from_numpy(labels), 10).double()
+        w = torch.linalg.solve(feats.T @ feats + 1e-3 * torch.eye(feats.shape[1], dtype=torch.float64), feats.T @ target)
+        fc.weight.copy_(w[:-1].T.float())
+        fc.bias.copy_(w[-1].float())
+    net.fc = fc
+    return net
+
+
+def make_repo(root: Path, files: list[Path]) -> Repository:
+    repo = Repository(root)
+    for f in files:
+        repo.publish(f, MODEL)
+    return repo
+
+
+class LiveServer:
+    """The app under a real uvicorn, on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def serve(repo: Repository, **settings) -> LiveServer:
+    cfg = ServeConfig(repo=str(repo.root), device="cpu", **settings)
+    return LiveServer(create_app(cfg, Tokens.of(TOKEN, ADMIN)))
