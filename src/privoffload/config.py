@@ -67,6 +67,105 @@ class ClassifierConfig:
         self.optim.validate("optim")
 
 
+def _adam() -> OptimConfig:
+    """The obfuscation game's default: Adam at a constant 1e-3, no decay (see docs/method-decisions.md)."""
+    return OptimConfig(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0)
+
+
+@dataclass
+class ObfuscatorConfig:
+    """Training of the obfuscator O and its co-trained deobfuscator D against a frozen classifier C.
+
+    O minimises CE(C(O(x)), y) - lam * R(D(O(x)), x); D minimises R(D(O(x)), x).
+    """
+
+    classifier: str = ""  # run folder holding classifier.safetensors (C, kept frozen)
+    width: int = 32  # codec width of O and D; 32 is Table I
+    epochs: int = 100
+    batch_size: int = 128
+    subset: str = "first:20000"
+    flip: bool = False
+    test_subset: str = "all"
+    lam: float = 1.0  # weight of D's reconstruction loss in O's objective
+    recon_loss: str = "mse"  # mse | l1: R, the reconstruction loss
+    init: str = ""  # obfuscator run folder whose O and D to continue from ("" = random init)
+    eval_every: int = 5
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
+    channels_last: bool = True
+    optim_o: OptimConfig = field(default_factory=_adam)
+    optim_d: OptimConfig = field(default_factory=_adam)
+
+    def validate(self) -> None:
+        if not self.classifier:
+            raise UserError("config: classifier is required: the run folder of the classifier to obfuscate for (--classifier RUN)")
+        for name in ("width", "epochs", "batch_size", "eval_every"):
+            _positive(name, getattr(self, name))
+        if not self.lam >= 0:
+            raise UserError(f"config: lam = {self.lam!r} must be >= 0")
+        _choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        from .data import parse_subset
+
+        parse_subset(self.subset)
+        parse_subset(self.test_subset)
+        self.optim_o.validate("optim_o")
+        self.optim_d.validate("optim_d")
+
+
+@dataclass
+class AttackConfig:
+    """A fresh deobfuscator trained on (quantised O(x), x) pairs with O frozen: the privacy number that counts."""
+
+    obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
+    arch: str = "codec"  # codec (Table I layout) | unet (a stronger decoder with skip connections)
+    width: int = 32
+    epochs: int = 20
+    batch_size: int = 128
+    subset: str = "first:20000"  # training images whose originals the attacker knows
+    flip: bool = False
+    test_subset: str = "all"
+    recon_loss: str = "mse"  # mse | l1
+    eval_every: int = 5
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
+    channels_last: bool = True
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0,
+                                                                   schedule="cosine", warmup_epochs=0.0))
+
+    def validate(self) -> None:
+        if not self.obfuscator:
+            raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
+        for name in ("width", "epochs", "batch_size", "eval_every"):
+            _positive(name, getattr(self, name))
+        _choice("arch", self.arch, ("codec", "unet"))
+        _choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        from .data import parse_subset
+
+        parse_subset(self.subset)
+        parse_subset(self.test_subset)
+        self.optim.validate("optim")
+
+
+@dataclass
+class SweepConfig:
+    """One obfuscator per lambda, each followed by a fresh attack: the privacy-utility frontier."""
+
+    lams: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
+    obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)  # its lam is set per point
+    attack: AttackConfig = field(default_factory=AttackConfig)  # its obfuscator is set per point
+
+    def validate(self) -> None:
+        if not self.lams:
+            raise UserError("config: lams is empty; give at least one lambda, e.g. --lams 0,1,4")
+        if len(set(self.lams)) != len(self.lams):
+            raise UserError(f"config: lams {self.lams} repeats a value")
+        for lam in self.lams:
+            dataclasses.replace(self.obfuscator, lam=lam).validate()
+        dataclasses.replace(self.attack, obfuscator="(each obfuscator of the sweep)").validate()
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"config: {name} = {value!r} is not one of {', '.join(allowed)}")

@@ -1,22 +1,86 @@
-"""The paper's figures as plain plotting functions: data in, PNG out (matplotlib, no display)."""
+"""The paper's figures (and the privacy frontier) as plain functions: each takes numbers or images (never run folders) and writes one PNG.
+
+Matplotlib runs on the Agg backend (no display); every figure is written atomically.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=150, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
+    os.replace(tmp, path)
     return path
+
+
+def _hwc(image) -> np.ndarray:
+    """[3, H, W] floats in [0, 1] (tensor or array) -> [H, W, 3] for imshow."""
+    a = np.asarray(image.detach().cpu().float() if hasattr(image, "detach") else image, dtype=np.float32)
+    return np.clip(a.transpose(1, 2, 0), 0, 1)
+
+
+def sample_grid(rows: Mapping[str, Sequence], path: str | Path, *, title: str = "",
+                column_labels: Sequence[str] | None = None) -> Path:
+    """Fig. 4: one row per label (original, obfuscated, reconstructed, ...), one column per image.
+
+    `rows` maps a row label to images [N, 3, H, W] in [0, 1]; every row has the same N.
+    """
+    labels = list(rows)
+    n = len(rows[labels[0]])
+    fig, axes = plt.subplots(len(labels), n, figsize=(1.2 * n + 1.2, 1.3 * len(labels)), squeeze=False)
+    for r, label in enumerate(labels):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(_hwc(rows[label][c]), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+            if r == 0 and column_labels is not None:
+                ax.set_title(column_labels[c], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def frontier(points: Sequence[Mapping], path: str | Path, *, title: str = "Privacy-utility frontier") -> Path:
+    """Obfuscated accuracy (utility) against the fresh attacker's PSNR (lower = more private), one point per lambda.
+
+    Each point needs `lam`, `attacker_psnr_db`, `obfuscated_accuracy`, and may have
+    `quantized_obfuscated_accuracy` and `test_accuracy` (the clean classifier, drawn as a line).
+    """
+    pts = sorted(points, key=lambda p: p["attacker_psnr_db"])
+    x = [p["attacker_psnr_db"] for p in pts]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(x, [100 * p["obfuscated_accuracy"] for p in pts], "o-", label="obfuscated accuracy")
+    if all("quantized_obfuscated_accuracy" in p for p in pts):
+        ax.plot(x, [100 * p["quantized_obfuscated_accuracy"] for p in pts], "s--", ms=4, alpha=0.7,
+                label="8-bit quantised upload")
+    for p in pts:
+        ax.annotate(f"λ={p['lam']:g}", (p["attacker_psnr_db"], 100 * p["obfuscated_accuracy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    clean = [p["test_accuracy"] for p in pts if "test_accuracy" in p]
+    if clean:
+        ax.axhline(100 * clean[0], color="grey", lw=0.8, ls=":", label="clean accuracy of C")
+    ax.set_xlabel("fresh attacker's reconstruction PSNR on test images (dB, lower = more private)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def accuracy_bars(bars: dict[str, float | None], path: Path) -> Path:

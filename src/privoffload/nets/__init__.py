@@ -1,5 +1,5 @@
-"""The three networks (the cloud's classifier; the Table I codec as obfuscator and deobfuscator),
-and their files: safetensors whose metadata says how to rebuild the network.
+"""The networks (the cloud's classifier; the Table I codec as obfuscator and deobfuscator; a U-Net
+decoder as a stronger attacker), and their files: safetensors whose metadata says how to rebuild the network.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from torch import nn
 from ..errors import UserError
 from .classifier import ResNet18, resnet18
 from .codec import Codec, codec
+from .unet import UNet, unet
 
-ARCHS = {"resnet18": resnet18, "codec": codec}
+# name -> class; each class is built as cls(width) and keeps `.width`
+ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet}
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "ARCHS", "build", "arch_of", "save", "load", "read_metadata"]
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "save", "load", "read_metadata"]
 
 
 def build(arch: str, width: int) -> nn.Module:
@@ -29,7 +31,9 @@ def build(arch: str, width: int) -> nn.Module:
 
 def arch_of(model: nn.Module) -> dict:
     model = getattr(model, "module", model)  # unwrap DDP
-    name = next(k for k, cls in (("resnet18", ResNet18), ("codec", Codec)) if isinstance(model, cls))
+    name = next((k for k, cls in ARCHS.items() if type(model) is cls), None)
+    if name is None:
+        raise TypeError(f"{type(model).__name__} is not one of the networks in nets.ARCHS")
     return {"arch": name, "width": model.width}
 
 

@@ -1,0 +1,65 @@
+"""The privacy-utility frontier: one obfuscator per lambda, each attacked by a fresh deobfuscator.
+
+Layout: OUT/lam-<λ>/obfuscator, OUT/lam-<λ>/attack (ordinary run folders), OUT/frontier.json,
+OUT/frontier.png. Every run is started with resume, so rerunning the same command continues an
+interrupted sweep and reuses finished lambdas; a changed setting is refused by the run's config check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .. import config as config_mod
+from ..config import SweepConfig
+from ..data import Cifar10, load_cifar10
+from ..experiments import figures
+from ..train.common import atomic_write_bytes, read_metrics
+from ..train.obfuscator import train_obfuscator
+from .attack import train_attack
+
+POINT_KEYS = ("test_accuracy", "obfuscated_accuracy", "quantized_obfuscated_accuracy", "deobfuscator_psnr_db",
+              "deobfuscator_ssim", "attacker_psnr_db", "attacker_ssim")
+
+
+def last_evaluation(run: Path, key: str) -> dict:
+    """The last metrics record of `run` that holds `key` (an evaluation)."""
+    return next(r for r in reversed(read_metrics(run)) if key in r)
+
+
+def wall_s(run: Path) -> float:
+    """Training plus evaluation seconds over all epochs of a run (resumed runs included)."""
+    return sum(r.get("time_s", 0.0) + r.get("eval_time_s", 0.0) for r in read_metrics(run))
+
+
+def frontier_point(lam: float, obf_run: Path, attack_run: Path) -> dict:
+    point = {"lam": lam, **last_evaluation(obf_run, "obfuscated_accuracy"), **last_evaluation(attack_run, "attacker_psnr_db")}
+    point = {k: point[k] for k in ("lam", *POINT_KEYS)}
+    point.update(obfuscator_wall_s=wall_s(obf_run), attack_wall_s=wall_s(attack_run),
+                 obfuscator_run=str(obf_run), attack_run=str(attack_run))
+    return point
+
+
+def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Cifar10 | None = None, device: str = "auto",
+                 data_root: str | None = None) -> Path:
+    """Train and attack one obfuscator per lambda; returns the path of frontier.json."""
+    out = Path(out)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "sweep.toml", config_mod.to_toml(cfg).encode())
+    data = data or load_cifar10(data_root)
+    points = []
+    for lam in cfg.lams:
+        folder = out / f"lam-{lam:g}"
+        obf_run, attack_run = folder / "obfuscator", folder / "attack"
+        train_obfuscator(dataclasses.replace(cfg.obfuscator, lam=lam), obf_run, resume=True, data=data, device=device)
+        train_attack(dataclasses.replace(cfg.attack, obfuscator=str(obf_run)), attack_run, resume=True, data=data,
+                     device=device)
+        points.append(frontier_point(lam, obf_run, attack_run))
+        if main:  # after every lambda, so an interrupted sweep still shows what it has
+            atomic_write_bytes(out / "frontier.json", (json.dumps(points, indent=2) + "\n").encode())
+            figures.frontier(points, out / "frontier.png")
+    return out / "frontier.json"

@@ -1,0 +1,187 @@
+"""Training of the obfuscator O against a frozen classifier C, with a co-trained deobfuscator D.
+
+Leroux et al.'s game, one step per batch x, y:
+  1. D minimises R(D(O(x)), x), with O(x) detached: D's step never moves O;
+  2. O minimises CE(C(O(x)), y) - lam * R(D(O(x)), x) against the D just updated: the class stays
+     readable for C while reconstruction gets hard. D's weights take no gradient here.
+C is frozen (`frozen`: eval mode, no weight gradients), so its weights and BatchNorm statistics
+stay exactly as the cloud trained them. Everything else (run folder, per-epoch seeds, checkpoints,
+DDP) follows `train.classifier`.
+
+Precision ("auto"): everything under bf16 autocast wherever `use_bf16` says bf16 is fast (CUDA,
+CPUs with AVX512-BF16/AMX), with channels_last. Measured on a busy 2-core AVX512-BF16 CPU: on its
+own, the backward of a strided depthwise convolution is 2.7-4.5x slower in bf16 than in fp32
+(channels_last), yet a whole step of this game is 1.3-1.6x faster with the codecs in bf16 than in
+fp32 (classifier in bf16 either way), because the codec's wide, memory-bound BatchNorm and
+activation passes halve their traffic (bench/obfuscator_precision.py, codec widths 8-32).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import nets
+from ..config import ObfuscatorConfig
+from ..data import Cifar10, DeviceData, load_cifar10, select
+from ..errors import UserError
+from ..privacy.metrics import obfuscation_metrics
+from .common import (Progress, RunDir, autocast, frozen, init_dist, make_optimizer, make_schedule, pick_device,
+                     rank_device, rng_state, seed_everything, set_rng_state, use_bf16)
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reconstruction_loss(name: str) -> Loss:
+    """R: mean squared or mean absolute error between a reconstruction and the original."""
+    return {"mse": F.mse_loss, "l1": F.l1_loss}[name]
+
+
+def run_weights(run: str | Path, filename: str, what: str) -> Path:
+    """`run/filename`, or a one-line error that says which run is missing what."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{what} run {run} does not exist")
+    path = run / filename
+    if not path.exists():
+        raise UserError(f"{run} has no {filename}; is it a {what} run that finished an epoch?")
+    return path
+
+
+def load_classifier(run: str | Path, device: torch.device) -> nn.Module:
+    return nets.load(run_weights(run, "classifier.safetensors", "classifier"), expect="resnet18", device=device)
+
+
+def load_obfuscator(run: str | Path, device: torch.device, name: str = "obfuscator") -> nn.Module:
+    """O (or, with name="deobfuscator", D) of an obfuscator run."""
+    return nets.load(run_weights(run, f"{name}.safetensors", "obfuscator"), expect="codec", device=device)
+
+
+def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
+                     device: str = "auto", data_root: str | None = None) -> Path:
+    """Train (or resume) an obfuscator run in `out`; returns the path of O's weights."""
+    dev = rank_device(pick_device(device))
+    dist = init_dist(dev)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    classifier = frozen(load_classifier(cfg.classifier, dev).to(memory_format=memory))
+    if cfg.init:
+        run_weights(cfg.init, "deobfuscator.safetensors", "obfuscator")
+    run = RunDir(out, dist)
+    run.start(cfg, resume)
+    bf16 = use_bf16(cfg.precision, dev)
+    recon = reconstruction_loss(cfg.recon_loss)
+
+    # ---- data, resident on the device as uint8; privacy and accuracy are scored on the test split
+    data = data or load_cifar10(data_root)
+    train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
+    test = DeviceData(*select(data, cfg.test_subset, cfg.seed, split="test"), dev)
+    per_rank_batch = cfg.batch_size // dist.world
+    steps = train.steps(per_rank_batch, drop_last=True, world=dist.world)
+    if steps == 0:
+        raise UserError(f"subset {cfg.subset} has {len(train)} images, fewer than one batch of {cfg.batch_size}; lower batch_size")
+
+    # ---- O and D, their optimisers
+    seed_everything(cfg.seed)
+    obf = nets.codec(cfg.width).to(dev, memory_format=memory)
+    deobf = nets.codec(cfg.width).to(dev, memory_format=memory)
+    if cfg.init:
+        nets.load_into(obf, Path(cfg.init) / "obfuscator.safetensors")
+        nets.load_into(deobf, Path(cfg.init) / "deobfuscator.safetensors")
+    obf_net = DDP(obf) if dist.world > 1 else obf
+    deobf_net = DDP(deobf) if dist.world > 1 else deobf
+    opt_o, opt_d = make_optimizer(obf.parameters(), cfg.optim_o), make_optimizer(deobf.parameters(), cfg.optim_d)
+    sched_o = make_schedule(opt_o, cfg.optim_o, steps, cfg.epochs)
+    sched_d = make_schedule(opt_d, cfg.optim_d, steps, cfg.epochs)
+
+    arch = {"obfuscator": nets.arch_of(obf), "deobfuscator": nets.arch_of(deobf)}
+    start = 0
+    state = run.load_checkpoint(arch) if resume else None
+    if state is not None:
+        obf.load_state_dict(state["obfuscator"])
+        deobf.load_state_dict(state["deobfuscator"])
+        opt_o.load_state_dict(state["optim_o"])
+        opt_d.load_state_dict(state["optim_d"])
+        sched_o.load_state_dict(state["sched_o"])
+        sched_d.load_state_dict(state["sched_d"])
+        set_rng_state(state["rng"])
+        start = state["epoch"]
+    if resume:
+        run.rewind(start)
+
+    def evaluate(record: dict) -> dict:
+        t0 = time.perf_counter()
+        record.update(obfuscation_metrics(classifier, obf, deobf, test, bf16=bf16, dist=dist))
+        record["eval_time_s"] = time.perf_counter() - t0
+        return record
+
+    if start == 0 and cfg.init and not any(r.get("epoch") == 0 for r in run.metrics()):
+        run.log(evaluate({"stage": "obfuscator", "epoch": 0}))
+
+    progress = Progress("obfuscator", cfg.epochs, start)
+    for epoch in range(start, cfg.epochs):
+        obf_net.train()
+        deobf_net.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, device=dev)  # CE, D's reconstruction loss, O's loss
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        with progress.epoch(epoch + 1, steps):
+            for xb, yb in train.batches(per_rank_batch, shuffle=True, flip_images=cfg.flip, seed=cfg.seed * 100_003 + epoch,
+                                        drop_last=True, rank=dist.rank, world=dist.world, channels_last=cfg.channels_last):
+                with autocast(dev, bf16):
+                    z = obf_net(xb).float()
+                    # 1. D's step, on the upload as given: O(x) detached, so it cannot move O
+                    loss_d = recon(deobf_net(z.detach()).float(), xb)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                sched_d.step()
+
+                # 2. O's step: readable for the frozen C, hard for the updated D (whose weights take no gradient)
+                deobf.requires_grad_(False)
+                with autocast(dev, bf16):
+                    logits = classifier(z).float()
+                    ce = F.cross_entropy(logits, yb)
+                    loss_o = ce - cfg.lam * recon(deobf(z).float(), xb) if cfg.lam > 0 else ce
+                opt_o.zero_grad(set_to_none=True)
+                loss_o.backward()
+                opt_o.step()
+                sched_o.step()
+                deobf.requires_grad_(True)
+
+                sums += torch.stack([ce.detach(), loss_d.detach(), loss_o.detach()])
+                correct += (logits.argmax(1) == yb).sum()
+                progress.step()
+        seen = steps * per_rank_batch * dist.world
+        ce_sum, d_sum, o_sum = (dist.sum(sums) / (steps * dist.world)).tolist()
+        record = {"stage": "obfuscator", "epoch": epoch + 1, "train_classification_loss": ce_sum,
+                  "train_reconstruction_loss": d_sum, "train_obfuscator_loss": o_sum,
+                  "train_obfuscated_accuracy": dist.sum(correct).item() / seen}
+        record["time_s"] = time.perf_counter() - t0
+        record["images_per_s"] = seen / record["time_s"]
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            evaluate(record)
+        run.log(record)
+
+        # ---- weights every epoch, then the checkpoint (its epoch says what is complete)
+        if dist.main:
+            meta = {"epoch": str(epoch + 1), "lam": repr(cfg.lam), "classifier": str(cfg.classifier)}
+            nets.save(obf, run.path / "obfuscator.safetensors", **meta)
+            nets.save(deobf, run.path / "deobfuscator.safetensors", **meta)
+        run.save_checkpoint({"arch": arch, "epoch": epoch + 1, "obfuscator": obf.state_dict(),
+                             "deobfuscator": deobf.state_dict(), "optim_o": opt_o.state_dict(),
+                             "optim_d": opt_d.state_dict(), "sched_o": sched_o.state_dict(),
+                             "sched_d": sched_d.state_dict(), "rng": rng_state()})
+        shown = (f"ce {ce_sum:.3f} recon {d_sum:.4f} obf-train {record['train_obfuscated_accuracy']:.3f}")
+        if "obfuscated_accuracy" in record:
+            shown += (f" obf {record['obfuscated_accuracy']:.4f} q8 {record['quantized_obfuscated_accuracy']:.4f}"
+                      f" D {record['deobfuscator_psnr_db']:.2f} dB ssim {record['deobfuscator_ssim']:.3f}")
+        progress.line(epoch + 1, f"{shown} {record['images_per_s']:.0f} img/s")
+    progress.close()
+    run.finish()
+    return run.path / "obfuscator.safetensors"
