@@ -177,12 +177,14 @@ def samples_cmd(
 
 @command("evaluate")
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfuscator or attack run folder")],
+                 subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:A:B")] = "all",
+                 seed: Annotated[int, typer.Option(help="seed of a random:N subset")] = 0,
                  data: DataOpt = None, device: DeviceOpt = "auto",
                  json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
     """Score a run on the whole test set: accuracy; for an obfuscator also privacy (PSNR, SSIM)."""
     from .evaluate import evaluate_run
 
-    result = evaluate_run(run, data_root=str(data) if data else None, device=device)
+    result = evaluate_run(run, data_root=str(data) if data else None, device=device, test_subset=subset, seed=seed)
     if json_out:
         typer.echo(json.dumps(result))
     else:
