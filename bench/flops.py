@@ -46,6 +46,35 @@ def count(fn) -> float:
     return fc.get_total_flops() / N
 
 
+def per_image_flops(width: int = 64, codec_width: int = 32) -> dict[str, float]:
+    x, y = torch.rand(N, 3, 32, 32), torch.randint(0, 10, (N,))
+    C, O, D = nets.resnet18(width), nets.codec(codec_width), nets.codec(codec_width)
+    with torch.no_grad():
+        c_fwd, o_fwd = count(lambda: C.eval()(x)), count(lambda: O.eval()(x))
+    c_train = count(lambda: F.cross_entropy(C.train()(x), y).backward())
+    o_train = count(lambda: F.mse_loss(O.train()(x), x).backward())
+    xg = x.clone().requires_grad_(True)
+    c_input_grad = count(lambda: F.cross_entropy(frozen(nets.resnet18(width))(xg), y).backward())
+    step = obfuscator_step(frozen(C), O.train(), D.train(), torch.device("cpu"), bf16=False)
+    return {"classifier_forward": c_fwd, "classifier_train": c_train, "classifier_input_grad": c_input_grad,
+            "codec_forward": o_fwd, "codec_train": o_train, "obfuscator_step": count(lambda: step(x, y))}
+
+
+def protocol_stages(f: dict[str, float]) -> dict[str, tuple[int, int, float]]:
+    """docs/method.md's protocol: stage -> (epochs, images per epoch, training FLOPs per image)."""
+    return {"C0 classifier": (50, 20_000, f["classifier_train"]),
+            "O0 obfuscator": (100, 20_000, f["obfuscator_step"]),
+            "exp. 1 classifier": (50, 50_000, f["classifier_train"]),
+            "exp. 2 obfuscator": (100, 50_000, f["obfuscator_step"])}
+
+
+def evaluation_flops(f: dict[str, float], test: int = 10_000) -> float:
+    """A test evaluation every 5 epochs: C0 clean; O0 obfuscated; exp. 1 clean and O0's probe twice
+    (raw and 8-bit); exp. 2 obfuscated."""
+    c, oc = f["classifier_forward"], f["codec_forward"] + f["classifier_forward"]
+    return test * (10 * c + 20 * oc + 10 * (c + 2 * oc) + 20 * oc)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=64, help="ResNet18 width (64 = the real one)")
@@ -55,41 +84,19 @@ def main() -> None:
     args = ap.parse_args()
     info = print_machine("FLOP count")
 
-    x, y = torch.rand(N, 3, 32, 32), torch.randint(0, 10, (N,))
-    C, O, D = nets.resnet18(args.width), nets.codec(args.codec_width), nets.codec(args.codec_width)
-    with torch.no_grad():
-        c_fwd, o_fwd = count(lambda: C.eval()(x)), count(lambda: O.eval()(x))
-    c_train = count(lambda: F.cross_entropy(C.train()(x), y).backward())
-    o_train = count(lambda: F.mse_loss(O.train()(x), x).backward())
-    xg = x.clone().requires_grad_(True)
-    c_input_grad = count(lambda: F.cross_entropy(frozen(nets.resnet18(args.width))(xg), y).backward())
-    step = obfuscator_step(frozen(C), O.train(), D.train(), torch.device("cpu"), bf16=False)
-    obf_step = count(lambda: step(x, y))
-
-    per_image = {
-        f"ResNet18 w{args.width} forward": c_fwd,
-        f"ResNet18 w{args.width} forward + backward (training)": c_train,
-        f"ResNet18 w{args.width} forward + backward to input (frozen)": c_input_grad,
-        f"codec w{args.codec_width} forward": o_fwd,
-        f"codec w{args.codec_width} forward + backward (training)": o_train,
-        "obfuscator step (O, D trained; frozen ResNet18)": obf_step,
-    }
+    per_image = per_image_flops(args.width, args.codec_width)
+    names = {"classifier_forward": f"ResNet18 w{args.width} forward",
+             "classifier_train": f"ResNet18 w{args.width} forward + backward (training)",
+             "classifier_input_grad": f"ResNet18 w{args.width} forward + backward to input (frozen)",
+             "codec_forward": f"codec w{args.codec_width} forward",
+             "codec_train": f"codec w{args.codec_width} forward + backward (training)",
+             "obfuscator_step": "obfuscator step (O, D trained; frozen ResNet18)"}
     print("\nper 32x32 image:")
     for k, v in per_image.items():
-        print(f"  {k:<62} {v / 1e6:10.1f} MFLOP")
+        print(f"  {names[k]:<62} {v / 1e6:10.1f} MFLOP")
 
-    # ---- the protocol: (what, epochs, images per epoch, FLOPs per image)
-    test, evals = 10_000, lambda epochs: epochs // 5
-    stages = [
-        ("C0: classifier, 50 epochs x 20k", 50 * 20_000 * c_train),
-        ("O0: obfuscator, 100 epochs x 20k", 100 * 20_000 * obf_step),
-        ("exp. 1: classifier, 50 epochs x 50k", 50 * 50_000 * c_train),
-        ("exp. 2: obfuscator, 100 epochs x 50k", 100 * 50_000 * obf_step),
-        # every 5 epochs: C0 clean; O0 obfuscated; exp. 1 clean + O0 probe twice (raw, 8-bit); exp. 2 obfuscated
-        ("evaluations on the 10k test images", test * (evals(50) * c_fwd + evals(100) * (o_fwd + c_fwd)
-                                                      + evals(50) * (c_fwd + 2 * (o_fwd + c_fwd))
-                                                      + evals(100) * (o_fwd + c_fwd))),
-    ]
+    stages = [(f"{k}: {e} epochs x {n // 1000}k", e * n * fl) for k, (e, n, fl) in protocol_stages(per_image).items()]
+    stages.append(("evaluations on the 10k test images", evaluation_flops(per_image)))
     total = sum(f for _, f in stages)
     print("\nthe paper's full protocol:")
     for k, f in stages:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import median, print_machine, save_json
+from _common import cifar10_or_random, median, print_machine, save_json
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from privoffload import nets
 from privoffload.config import ClassifierConfig
-from privoffload.data import DeviceData, load_cifar10
+from privoffload.data import DeviceData
 from privoffload.train.classifier import train_classifier
 from privoffload.train.common import autocast, cpu_has_bf16, frozen, read_metrics
 
@@ -185,7 +185,7 @@ def main() -> None:
     info = print_machine(f"training throughput on {device}")
     fast_bf16 = device.type == "cuda" or cpu_has_bf16()
     print(f"# torch threads {torch.get_num_threads()}, bf16 {'native' if fast_bf16 else 'emulated (slow)'} on this device")
-    data = load_cifar10()
+    data = cifar10_or_random()
     results = {"machine": info, "device": str(device), "threads": torch.get_num_threads(), "classifier": {}}
 
     for width in (int(w) for w in args.widths.split(",")):
