@@ -43,7 +43,7 @@ def free_port() -> int:
 def torchrun(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "privoffload", "train-classifier", "--out", str(out),
-           "--subset", "first:1536", "--epochs", "4", "--width", "8", "--batch-size", "128", "--flip", "--device", "cpu",
+           "--subset", "first:1024", "--epochs", "4", "--width", "8", "--batch-size", "128", "--flip", "--device", "cpu",
            "--precision", "fp32", "--set", "test_subset=random:256", "--set", "eval_every=2", *extra]
     env = {**os.environ, "PRIVOFFLOAD_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -67,3 +67,19 @@ def test_bad_input_is_a_user_error(setup):
         fast_obfuscator(setup[0], "tensorrt")
     with pytest.raises(UserError, match=r"\[N, 3, 32, 32\]"):
         fast_obfuscator(setup[0], "torch")(torch.rand(3, 32, 32))
+
+
+@pytest.mark.skipif(not has_onnxruntime(), reason="without onnxruntime, auto never exports")
+def test_auto_falls_back_to_pytorch_when_the_export_fails(setup, monkeypatch):
+    """A torch without the exporter this path uses still obfuscates, with a warning."""
+    from privoffload.client import fast
+
+    def no_exporter(model):
+        raise RuntimeError("exporter removed")
+
+    monkeypatch.setattr(fast, "to_onnx", no_exporter)
+    codec, x, ref = setup
+    with pytest.warns(UserWarning, match="exporter removed"):
+        obf = fast_obfuscator(codec)
+    assert obf.backend == "torch"
+    assert (obf(x[:16]) - ref[:16]).abs().max() < 1e-4

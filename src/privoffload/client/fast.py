@@ -64,6 +64,16 @@ def to_onnx(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
+def onnx_session(model: nn.Module):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # parallelism comes from running chunks side by side
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(to_onnx(model), opts, providers=["CPUExecutionProvider"])
+
+
 class FastObfuscator:
     """Callable: float images [N, 3, 32, 32] in [0, 1] -> obfuscated float images, on the CPU.
 
@@ -74,26 +84,26 @@ class FastObfuscator:
         if backend not in BACKENDS:
             raise UserError(f"obfuscator backend {backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "onnx" and not has_onnxruntime():
-            raise UserError("the onnx backend needs onnxruntime: pip install onnxruntime (or use --backend torch)")
-        if backend == "auto":
-            backend = "onnx" if has_onnxruntime() else "torch"
-        self.backend = backend
+            raise UserError("the onnx backend needs onnxruntime: pip install onnxruntime, or use the torch backend")
         self.chunk = max(1, chunk)
         self.threads = max(1, threads or torch.get_num_threads())
         model = getattr(model, "module", model)  # unwrap DDP
         model = copy.deepcopy(model).float().cpu().eval()
         self._pool: ThreadPoolExecutor | None = None
+        if backend == "auto":
+            backend = "torch"
+            if has_onnxruntime():
+                try:
+                    self._session = onnx_session(fold_batchnorm(model))
+                    backend = "onnx"
+                except Exception as e:  # an exporter this torch lacks: the PyTorch path still works
+                    warnings.warn(f"ONNX export failed ({type(e).__name__}: {e}); obfuscating with PyTorch instead")
+        elif backend == "onnx":
+            self._session = onnx_session(fold_batchnorm(model))
+        self.backend = backend
         if backend == "eager":
             self._net, self._dtype = model, torch.float32
-        elif backend == "onnx":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1  # parallelism comes from running chunks side by side
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._session = ort.InferenceSession(to_onnx(fold_batchnorm(model)), opts, providers=["CPUExecutionProvider"])
-        else:
+        elif backend != "onnx":
             self._dtype = torch.bfloat16 if backend == "torch-bf16" else torch.float32
             self._net = fold_batchnorm(model).to(self._dtype).to(memory_format=torch.channels_last)
 
@@ -129,9 +139,10 @@ def fast_obfuscator(model: nn.Module, backend: str = "auto", threads: int | None
                     chunk: int = CHUNK) -> Callable[[torch.Tensor], torch.Tensor]:
     """The fastest available CPU path for an obfuscator (see the module docstring).
 
-    backend: auto (onnx when onnxruntime is installed, else torch) | onnx | torch (folded fp32,
-    channels_last) | torch-bf16 (the same in bf16: fast only on CPUs with bf16 instructions, and
-    off by up to about 1/255 per pixel) | eager (the unmodified module, the reference).
+    backend: auto (onnx when onnxruntime is installed and the export works, else torch) | onnx |
+    torch (folded fp32, channels_last) | torch-bf16 (the same in bf16; fast only on CPUs with bf16
+    instructions and too coarse for the client: on real images up to 0.16, on average 0.014 per
+    pixel from fp32; kept for benchmarks) | eager (the unmodified module, the reference).
     threads: chunks run at once (default: torch.get_num_threads()).
     """
     return FastObfuscator(model, backend, threads, chunk)
