@@ -185,14 +185,19 @@ def subset_indices(spec: str, n: int, seed: int = 0) -> np.ndarray:
 
 def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror a random half of the batch left-right, in one vectorised op."""
-    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=generator) < 0.5
-    return torch.where(mask, x.flip(-1), x)
+    return mirror(x, torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5)
+
+
+def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images of a batch where `mask` (bool [N]) is set."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 class DeviceData:
     """Images and labels resident on one device; `batches` cuts shuffled, optionally flipped batches.
 
-    With `world > 1` (DDP) every rank draws the same permutation and takes its own stride of it.
+    With `world > 1` (DDP) every rank draws the same permutation and flips and takes its own stride
+    of them, so that N ranks see exactly the images (and flips) of one process's batches.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu"):
@@ -212,13 +217,15 @@ class DeviceData:
         """Yield (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
-        order = order[: len(self) // world * world][rank::world].to(self.device)
-        flip_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        flips = torch.rand(len(self), generator=gen) < 0.5  # one draw per position of the epoch
+        mine = slice(rank, len(self) // world * world, world)
+        order, flips = order[mine].to(self.device), flips[mine].to(self.device)
         for i in range(self.steps(batch_size, drop_last, world)):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+            part = slice(i * batch_size, (i + 1) * batch_size)
+            idx = order[part]
             xb = self.x[idx].float().div_(255)
             if flip_images:
-                xb = flip(xb, flip_gen)
+                xb = mirror(xb, flips[part])
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, self.y[idx]

@@ -127,6 +127,7 @@ class RunDir:
                 raise UserError(f"{self.path} already holds a run; pass --resume to continue it, or choose a new --out")
             if cfg_path.exists() and cfg_path.read_text() != new:
                 raise UserError(f"{self.path}/config.toml differs from this config; resume with the same settings, or use a new --out")
+        self.dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if self.dist.main:
             atomic_write_bytes(cfg_path, new.encode())
 
@@ -245,13 +246,15 @@ def frozen(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- progress
 
 class Progress:
-    """A progress bar (stage, epoch, ETA) on a terminal, nothing per step elsewhere."""
+    """A progress bar (stage, epoch, ETA) on a terminal, nothing per step elsewhere; under torchrun
+    only rank 0 shows anything."""
 
     def __init__(self, stage: str, epochs: int, start_epoch: int):
         self.stage, self.epochs, self.start_epoch = stage, epochs, start_epoch
         self.t0 = time.perf_counter()
         self.bar = None
-        if sys.stderr.isatty() and os.environ.get("PRIVOFFLOAD_PROGRESS", "1") != "0":
+        self.quiet = os.environ.get("RANK", "0") != "0"
+        if not self.quiet and sys.stderr.isatty() and os.environ.get("PRIVOFFLOAD_PROGRESS", "1") != "0":
             from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
             self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -279,6 +282,8 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.epochs - epoch)
         msg = f"{self.stage} epoch {epoch}/{self.epochs} {text} eta {eta:.0f}s"
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.console.print(msg)
         else:
