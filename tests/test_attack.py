@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli, records
+from .conftest import cli, records
 
 from privoffload import nets
 from privoffload.config import AttackConfig

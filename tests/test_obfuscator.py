@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import OBF_ARGS, cli, records
+from .conftest import OBF_ARGS, cli, records
 from safetensors.torch import load_file
 
 from privoffload import config as config_mod

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud_helpers import calibrated, fit_head, make_repo, serve
+from .cloud_helpers import calibrated, fit_head, make_repo, serve
 from privoffload import nets
 from privoffload.data import load_cifar10
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
 from privoffload import nets, oip
 from privoffload.cli import app as cli
 from privoffload.client import (AuthError, BadServer, Client, RequestRejected, ServerUnavailable, load_obfuscator,

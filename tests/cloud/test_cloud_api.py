@@ -16,7 +16,7 @@ from safetensors.numpy import load as load_safetensors
 from tritonclient.utils import InferenceServerException
 
 from privoffload import nets, oip
-from cloud_helpers import ADMIN, MODEL, TOKEN, auth
+from .cloud_helpers import ADMIN, MODEL, TOKEN, auth
 
 
 def offline_probs(path, pixels: np.ndarray) -> np.ndarray:

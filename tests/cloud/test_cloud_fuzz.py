@@ -19,7 +19,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, ignored_auth, negative_data_rejection,
                                                response_schema_conformance, status_code_conformance)
 
-from cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
 from privoffload import oip
 from privoffload.cloud.app import create_app
 from privoffload.cloud.auth import Tokens

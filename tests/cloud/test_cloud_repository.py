@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cloud_helpers import MODEL
+from .cloud_helpers import MODEL
 from privoffload.cli import app as cli
 from privoffload.cloud.repository import MANIFEST, Repository, sha256_of
 from privoffload.cloud.store import ModelStore

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import tritonclient.http as triton
 
-from cloud_helpers import ADMIN, MODEL, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, auth, make_repo, serve
 from privoffload import nets
 from privoffload.client import Client
 from privoffload.cloud.repository import MANIFEST, WEIGHTS, sha256_of
