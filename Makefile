@@ -11,7 +11,7 @@ $(VENV): requirements.lock pyproject.toml
 
 .PHONY: run test bench
 run: $(VENV)
-	.venv/bin/privoffload train-classifier --subset first:1000 --epochs 1 --width 16 --out runs/main --resume
+	.venv/bin/privoffload reproduce --profile auto --out runs/main
 
 test: $(VENV)
 	$(PY) -m pytest -q
