@@ -67,9 +67,9 @@ class ClassifierConfig:
         self.optim.validate("optim")
 
 
-def _adam() -> OptimConfig:
-    """The obfuscation game's default: Adam at a constant 1e-3, no decay (see docs/method-decisions.md)."""
-    return OptimConfig(name="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0)
+def _adam(lr: float) -> OptimConfig:
+    """The obfuscation game's optimiser: Adam at a constant rate, no weight decay (docs/method-decisions.md)."""
+    return OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule="constant", warmup_epochs=0.0)
 
 
 @dataclass
@@ -82,19 +82,19 @@ class ObfuscatorConfig:
     classifier: str = ""  # run folder holding classifier.safetensors (C, kept frozen)
     width: int = 32  # codec width of O and D; 32 is Table I
     epochs: int = 100
-    batch_size: int = 128
+    batch_size: int = 64
     subset: str = "first:20000"
     flip: bool = False
     test_subset: str = "all"
-    lam: float = 1.0  # weight of D's reconstruction loss in O's objective
+    lam: float = 4.0  # weight of D's reconstruction loss in O's objective (chosen by a sweep, docs/method-decisions.md)
     recon_loss: str = "mse"  # mse | l1: R, the reconstruction loss
     init: str = ""  # obfuscator run folder whose O and D to continue from ("" = random init)
     eval_every: int = 5
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
     channels_last: bool = True
-    optim_o: OptimConfig = field(default_factory=_adam)
-    optim_d: OptimConfig = field(default_factory=_adam)
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
     def validate(self) -> None:
         if not self.classifier:
@@ -118,7 +118,7 @@ class AttackConfig:
     """A fresh deobfuscator trained on (quantised O(x), x) pairs with O frozen: the privacy number that counts."""
 
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
-    arch: str = "codec"  # codec (Table I layout) | unet (a stronger decoder with skip connections)
+    arch: str = "unet"  # unet (the stronger decoder, skip connections) | codec (the Table I layout)
     width: int = 32
     epochs: int = 20
     batch_size: int = 128

@@ -62,7 +62,7 @@ def frontier(points: Sequence[Mapping], path: str | Path, *, title: str = "Priva
     Each point needs `lam`, `attacker_psnr_db`, `obfuscated_accuracy`, and may have
     `quantized_obfuscated_accuracy` and `test_accuracy` (the clean classifier, drawn as a line).
     """
-    pts = sorted(points, key=lambda p: p["attacker_psnr_db"])
+    pts = sorted(points, key=lambda p: p["lam"])  # the line follows lambda
     x = [p["attacker_psnr_db"] for p in pts]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(x, [100 * p["obfuscated_accuracy"] for p in pts], "o-", label="obfuscated accuracy")

@@ -8,12 +8,12 @@ C is frozen (`frozen`: eval mode, no weight gradients), so its weights and Batch
 stay exactly as the cloud trained them. Everything else (run folder, per-epoch seeds, checkpoints,
 DDP) follows `train.classifier`.
 
-Precision ("auto"): everything under bf16 autocast wherever `use_bf16` says bf16 is fast (CUDA,
-CPUs with AVX512-BF16/AMX), with channels_last. Measured on a busy 2-core AVX512-BF16 CPU: on its
-own, the backward of a strided depthwise convolution is 2.7-4.5x slower in bf16 than in fp32
-(channels_last), yet a whole step of this game is 1.3-1.6x faster with the codecs in bf16 than in
-fp32 (classifier in bf16 either way), because the codec's wide, memory-bound BatchNorm and
-activation passes halve their traffic (bench/obfuscator_precision.py, codec widths 8-32).
+Precision ("auto"): everything under bf16 autocast wherever `use_bf16` finds bf16 fast (CUDA, CPUs
+with AVX512-BF16/AMX), with channels_last. Measured on a 2-core AVX512-BF16 CPU, one thread, with
+bench/obfuscator_precision.py: on its own, forward + backward of the codec's strided depthwise
+convolutions takes 4-17x as long in bf16 as in fp32, but its stride-1 ones (in the upsampling half)
+take 0.3x; a whole step of this game at Table I width (32) is 1.34-1.36x faster with the codecs in
+bf16 too than with only the classifier in bf16. At width 8 the two are equal.
 """
 
 from __future__ import annotations
