@@ -40,7 +40,9 @@ def test_accuracy_over_http_equals_offline_evaluation(tmp_path, weights, cifar):
     classifier = nets.load(weights["fitted"], expect="resnet18").eval()
     offline = accuracy(classifier, DeviceData(x, y), transform=obfuscator, quantize=True)
     repo = make_repo(tmp_path / "repo", [weights["fitted"]])
-    with serve(repo) as server, Client(server.url, weights["obfuscator"], token=TOKEN, images_per_request=64) as client:
+    # the eager path, so that the comparison is exact; the default fast path is bounded in test_fast_obfuscator
+    eager = load_obfuscator(weights["obfuscator"], backend="eager")
+    with serve(repo) as server, Client(server.url, eager, token=TOKEN, images_per_request=64) as client:
         result = client.classify(x)
     online = float((result.classes == y).mean())
     print(f"\nend to end: {len(y)} images, offline accuracy {offline:.4f}, over HTTP {online:.4f}")
