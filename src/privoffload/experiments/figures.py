@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -106,6 +107,7 @@ def drift_curves(points: list[tuple[int, float, float]], path: Path, extra: dict
     for name, series in (extra or {}).items():
         ax.plot([e for e, _ in series], [100 * a for _, a in series], "^-", label=name)
     ax.set_xlabel("epochs of further classifier training")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -122,6 +124,7 @@ def recovery_curve(points: list[tuple[int, float]], path: Path, extra: dict[str,
     for name, series in (extra or {}).items():
         ax.plot([e for e, _ in series], [100 * a for _, a in series], "^-", label=name)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("obfuscated accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
