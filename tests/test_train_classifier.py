@@ -57,7 +57,8 @@ def test_bad_input_gets_one_line(tmp_path):
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    args = ["train-classifier", "--epochs", "3", *SMALL, "--set", "eval_every=1"]
+    # 512 images, so that an epoch lasts long enough (a few tenths of a second) for the kill to land inside one
+    args = ["train-classifier", "--epochs", "3", *SMALL, "--subset", "first:512", "--set", "eval_every=1"]
     run_cli(*args, "--out", tmp_path / "whole")
 
     killed = tmp_path / "killed"
@@ -68,7 +69,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     while not (killed / "checkpoint.pt").exists():  # epoch 1 is done: the kill lands in epoch 2
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.02)
-    time.sleep(0.3)
+    time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "DONE").exists()
