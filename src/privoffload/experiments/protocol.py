@@ -3,7 +3,7 @@
     c0        baseline classifier C0 (first N images, no augmentation)
     o0        baseline obfuscator O0 and deobfuscator D0 against frozen C0
     extra<s>  beyond the paper: C0 fine-tuned a little on other data (seed s), what an update looks like
-    robust    beyond the paper: an obfuscator trained like O0, against C0 and the extras together
+    robust    beyond the paper: O0 and D0 trained further against C0 and the extras together (or from scratch)
     drift     experiment 1: C goes on from C0 (all images, flips); O0 (and the robust O) measured on the current C
     recovery  experiment 2: O and D go on from O0 against the final C
     attack    a fresh attacker against the final obfuscator: the privacy number that counts
@@ -43,13 +43,15 @@ PROFILES = ("smoke", "quick", "paper")
 
 @dataclass
 class RobustConfig:
-    """The drift-robust obfuscator: trained like O0 (same settings), against C0 and extra classifiers."""
+    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
 
     seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
     extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
         epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
     weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
-    per_step: int = 1  # ensemble_per_step: extras drawn per step (0 = all)
+    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
+    fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
+    epochs: int = 0  # 0 = the baseline obfuscator's epochs
     lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
     attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
 
@@ -88,8 +90,10 @@ def stage_configs(cfg: ProtocolConfig, out: Path) -> dict[str, Any]:
     extras = {f"extra{s}": replace(cfg.robust.extra, init=str(out / "c0"), seed=s, width=cfg.baseline_classifier.width)
               for s in cfg.robust.seeds}
     o0 = replace(cfg.baseline_obfuscator, classifier=str(out / "c0"))
-    robust = replace(o0, ensemble=[str(out / name) for name in extras], ensemble_weight=cfg.robust.weight,
-                     ensemble_per_step=cfg.robust.per_step, lam=o0.lam if cfg.robust.lam < 0 else cfg.robust.lam)
+    r = cfg.robust
+    robust = replace(o0, ensemble=[str(out / name) for name in extras], ensemble_weight=r.weight,
+                     ensemble_per_step=r.per_step, lam=o0.lam if r.lam < 0 else r.lam,
+                     init=str(out / "o0") if r.fine_tune else "", epochs=r.epochs or o0.epochs)
     stages = {
         "c0": cfg.baseline_classifier,
         "o0": o0,
@@ -175,6 +179,7 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
     A re-sync is short: an interrupted one starts over; a finished one (DONE) is kept.
     """
     from ..client.resync import Budget, black_box, local_api, white_box
+    from ..metrics import accuracy
     from ..privacy.metrics import obfuscation_metrics
     from ..train.common import frozen
     from ..train.obfuscator import load_classifier, load_obfuscator
@@ -193,15 +198,20 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
+    bf16 = use_bf16(cfg.precision, dev)
+
     def evaluate(step: int, queries: int) -> None:
+        """Obfuscated accuracy on the real new C; at the end also the 8-bit accuracy and D's PSNR/SSIM."""
         t1 = time.perf_counter()
-        record = {"stage": out.name, "step": step, "queries": queries,
-                  **obfuscation_metrics(new, obf, deobf, test, bf16=use_bf16(cfg.precision, dev))}
+        record = {"stage": out.name, "step": step, "queries": queries}
+        if step == cfg.steps:
+            record.update(obfuscation_metrics(new, obf, deobf, test, bf16=bf16))
+        else:
+            record["obfuscated_accuracy"] = accuracy(new, test, transform=obf.eval(), bf16=bf16)
         record["eval_time_s"] = time.perf_counter() - t1
         record["time_s"] = t1 - t0
         run.log(record)
-        print(f"{out.name} step {step}/{cfg.steps} queries {queries} obf {record['obfuscated_accuracy']:.4f} "
-              f"D {record['deobfuscator_psnr_db']:.2f} dB", flush=True)
+        print(f"{out.name} step {step}/{cfg.steps} queries {queries} obf {record['obfuscated_accuracy']:.4f}", flush=True)
 
     if cfg.mode == "white-box":
         white_box(obf, deobf, new, train, cfg, on_eval=evaluate)

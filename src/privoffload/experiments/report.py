@@ -50,10 +50,12 @@ def collect(out: Path) -> dict[str, Any]:
 
 
 def drop(series: list[tuple[int, float]]) -> dict[str, float]:
-    """Obfuscated accuracy on C0 (drift epoch 0), after the drift, and the relative drops (final and worst)."""
-    start, end, low = series[0][1], series[-1][1], min(a for _, a in series)
-    return {"start": start, "end": end, "drop": (start - end) / start if start else float("nan"),
-            "worst_drop": (start - low) / start if start else float("nan")}
+    """Obfuscated accuracy on C0 (drift epoch 0), after the drift, and the relative drops: after the drift, on
+    average over the drift's evaluations (less noisy than one point) and at its worst."""
+    start, later = series[0][1], [a for _, a in series[1:]] or [series[0][1]]
+    rel = (lambda a: (start - a) / start) if start else (lambda a: float("nan"))
+    return {"start": start, "end": later[-1], "drop": rel(later[-1]), "mean_drop": rel(sum(later) / len(later)),
+            "worst_drop": rel(min(later))}
 
 
 def robustness(numbers: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,8 +64,9 @@ def robustness(numbers: dict[str, Any]) -> dict[str, Any] | None:
     if not robust or robust[0][0] != 0 or drift[0][0] != 0:
         return None
     plain, rob = drop([(e, o) for e, _, o in drift]), drop(robust)
-    out = {"plain": plain, "robust": rob, "epochs": drift[-1][0],
-           "ratio": rob["drop"] / plain["drop"] if plain["drop"] > 0 else float("nan")}
+    out = {"plain": plain, "robust": rob, "epochs": drift[-1][0]}
+    for key in ("drop", "mean_drop", "worst_drop"):
+        out[f"{key}_ratio"] = rob[key] / plain[key] if plain[key] > 0 else float("nan")
     psnr = [(last(m[s], "attacker_psnr_db") or {}).get("attacker_psnr_db") for s in ("attack-o0", "attack-robust")]
     if None not in psnr:
         out["psnr"] = psnr
@@ -198,17 +201,19 @@ def beyond_lines(numbers: dict[str, Any]) -> list[str]:
     if r:
         lines += ["", "## Beyond the paper: a drift-robust obfuscator (experiment 1)", "",
                   f"Both obfuscators measured on the same classifiers: C0, then every evaluation of experiment 1's "
-                  f"drift ({r['epochs']} epochs). Relative drop = (accuracy on C0 - accuracy after the drift) / "
-                  f"accuracy on C0; worst = the lowest point of the drift.", "",
-                  "| obfuscator | on C0 | after drift | relative drop | worst drop | fresh-attacker PSNR dB |",
-                  "|---|---|---|---|---|---|"]
+                  f"drift ({r['epochs']} epochs). Relative drop = (accuracy on C0 - accuracy during the drift) / "
+                  f"accuracy on C0: after the drift, averaged over its evaluations, and at its lowest point.", "",
+                  "| obfuscator | on C0 | after drift | drop after | mean drop | worst drop | fresh-attacker PSNR dB |",
+                  "|---|---|---|---|---|---|---|"]
         for label, key, i in (("O0 (plain)", "plain", 0), ("robust (C0 + extras)", "robust", 1)):
             d = r[key]
             psnr = f"{r['psnr'][i]:.2f}" if "psnr" in r else "–"
             lines.append(f"| {label} | {pct(d['start'])} | {pct(d['end'])} | {100 * d['drop']:.1f} % | "
-                         f"{100 * d['worst_drop']:.1f} % | {psnr} |")
-        met = "met" if r["ratio"] <= 1 / 3 else "missed"
-        lines += ["", f"- Robust drop / plain drop = {r['ratio']:.2f} (target at most 0.33: {met})."]
+                         f"{100 * d['mean_drop']:.1f} % | {100 * d['worst_drop']:.1f} % | {psnr} |")
+        verdict = {k: "met" if r[f"{k}_ratio"] <= 1 / 3 else "missed" for k in ("drop", "mean_drop", "worst_drop")}
+        lines += ["", f"- Robust drop / plain drop (target at most 0.33): after the drift {r['drop_ratio']:.2f} "
+                  f"({verdict['drop']}), mean over the drift {r['mean_drop_ratio']:.2f} ({verdict['mean_drop']}), "
+                  f"worst {r['worst_drop_ratio']:.2f} ({verdict['worst_drop']})."]
         if "psnr_gap" in r:
             within = "within" if r["psnr_gap"] <= 0.5 else "NOT within"
             lines.append(f"- Privacy: fresh-attacker PSNR {r['psnr'][0]:.2f} dB (O0) vs {r['psnr'][1]:.2f} dB (robust), "
