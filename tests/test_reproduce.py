@@ -12,8 +12,8 @@ from privoffload.train.common import read_metrics
 
 from .conftest import ROOT, assert_user_error, run_cli
 
-FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png")
-STAGES = ("c0", "o0", "drift", "recovery", "attack")
+FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
+STAGES = ("c0", "o0", "extra1", "robust", "drift", "recovery", "attack", "attack-o0", "attack-robust", "whitebox", "blackbox")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_report_and_figures(smoke):
     out, done, _ = smoke
     assert f"report: {out / 'report.md'}" in done.stdout
     report = (out / "report.md").read_text()
-    for figure in ("70.82", "40.68", "81.53", "20.52", "73.00", "fresh attacker", "co-trained D", "lossy", "Wall time"):
+    for figure in ("70.82", "40.68", "81.53", "20.52", "73.00", "fresh attacker", "co-trained D", "lossy", "Wall time",
+                   "drift-robust obfuscator", "Robust drop / plain drop", "within 0.5 dB", "| black-box | 8 | 256 |"):
         assert figure in report, figure
     for name in FIGURES:
         assert (out / name).stat().st_size > 5000, name
@@ -50,10 +51,10 @@ def test_killed_protocol_continues_where_it_stopped(smoke):
     assert "stage c0 (finished earlier" in done.stdout  # reused, not retrained
     assert (out / "c0" / "classifier.safetensors").stat().st_mtime_ns == c0_weights
     for stage in STAGES:
-        epochs = [r["epoch"] for r in read_metrics(out / stage)]
+        epochs = [r["epoch"] if "epoch" in r else r["step"] for r in read_metrics(out / stage)]
         assert epochs == sorted(set(epochs)) and (out / stage / "DONE").exists(), (stage, epochs)
     drift = read_metrics(out / "drift")
-    assert drift[0]["epoch"] == 0 and all("O0" in r["probes"] for r in drift)
+    assert drift[0]["epoch"] == 0 and all({"O0", "robust"} <= r["probes"].keys() for r in drift)
 
 
 def test_same_command_again_reuses_everything_and_plot_redraws(smoke):

@@ -89,6 +89,10 @@ class ObfuscatorConfig:
     lam: float = 4.0  # weight of D's reconstruction loss in O's objective (chosen by a sweep, docs/method-decisions.md)
     recon_loss: str = "mse"  # mse | l1: R, the reconstruction loss
     init: str = ""  # obfuscator run folder whose O and D to continue from ("" = random init)
+    # drift robustness (docs/drift-robustness.md): O must also stay readable for these extra classifiers
+    ensemble: list[str] = field(default_factory=list)  # classifier run folders or .safetensors files
+    ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
+    ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
     eval_every: int = 5
     seed: int = 0
     precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
@@ -103,6 +107,11 @@ class ObfuscatorConfig:
             _positive(name, getattr(self, name))
         if not self.lam >= 0:
             raise UserError(f"config: lam = {self.lam!r} must be >= 0")
+        if not self.ensemble_weight >= 0:
+            raise UserError(f"config: ensemble_weight = {self.ensemble_weight!r} must be >= 0")
+        if not 0 <= self.ensemble_per_step <= len(self.ensemble):
+            raise UserError(f"config: ensemble_per_step = {self.ensemble_per_step} must be between 0 (all) and "
+                            f"the {len(self.ensemble)} ensemble classifiers")
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         from .data import parse_subset
@@ -146,6 +155,65 @@ class AttackConfig:
         parse_subset(self.subset)
         parse_subset(self.test_subset)
         self.optim.validate("optim")
+
+
+@dataclass
+class ResyncConfig:
+    """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (client/resync.py).
+
+    White-box (the cloud publishes the new weights): `steps` steps of the game against them. Black-box (only
+    the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images, distilling
+    a local surrogate of the new classifier from the answers, then steps/rounds steps of the game against it.
+    """
+
+    mode: str = "auto"  # auto (white-box where the server publishes weights, else black-box) | white-box | black-box
+    steps: int = 200  # steps of O and D, either mode
+    batch_size: int = 64
+    lam: float = 1.0  # the game's lambda; keep the obfuscator's own
+    flip: bool = True
+    max_queries: int = 4096  # black-box: images uploaded to the API, at most
+    rounds: int = 4  # black-box: query rounds
+    surrogate_steps: int = 50  # black-box: distillation steps of the surrogate per round
+    eval_every: int = 50  # steps between evaluations (in the protocol)
+    subset: str = "first:20000"  # in the protocol: the client's own labelled images
+    test_subset: str = "all"
+    seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32
+    optim_o: OptimConfig = field(default_factory=_adam)
+    optim_d: OptimConfig = field(default_factory=_adam)
+    optim_surrogate: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=3e-4, weight_decay=0.0,
+                                                                             schedule="constant", warmup_epochs=0.0))
+
+    def validate(self) -> None:
+        _choice("mode", self.mode, ("auto", "white-box", "black-box"))
+        for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
+            _positive(name, getattr(self, name))
+        if self.surrogate_steps < 0 or not self.lam >= 0:
+            raise UserError("config: surrogate_steps and lam must be >= 0")
+        if self.max_queries < self.rounds:
+            raise UserError(f"config: max_queries = {self.max_queries} leaves no query for each of {self.rounds} rounds")
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        from .data import parse_subset
+
+        parse_subset(self.subset)
+        parse_subset(self.test_subset)
+        for name in ("optim_o", "optim_d", "optim_surrogate"):
+            getattr(self, name).validate(name)
+
+
+@dataclass
+class DriftConfig:
+    """When the client re-syncs by itself (client/drift.py); every check and decision is logged."""
+
+    on_version_change: bool = True  # re-sync when the cloud answers with another model version
+    canary_threshold: float = 0.0  # re-sync when accuracy on the labelled canary images falls below this (0 = off)
+    canary_every: int = 50  # classify calls between canary checks
+    reclassify: bool = True  # after a re-sync, classify the call's images again with the new obfuscator
+
+    def validate(self) -> None:
+        if not 0 <= self.canary_threshold <= 1:
+            raise UserError(f"config: canary_threshold = {self.canary_threshold} must be an accuracy in [0, 1]")
+        _positive("canary_every", self.canary_every)
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 It speaks the Open Inference Protocol v2 (binary tensor data by default), remembers the model
 version the cloud answered with, and calls `on_version_change(old, new)` when that changes: the
-cloud retrained its classifier, and the obfuscator may need re-syncing.
+cloud retrained its classifier, and the obfuscator may need re-syncing (client/drift.py decides,
+client/resync.py does it; `download_weights` fetches a version's weights where the cloud publishes them).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -47,6 +50,10 @@ class RequestRejected(ClientError):
 
 class BadServer(ClientError):
     """The server answered, but not like an inference server (5xx, or a body that is not the protocol)."""
+
+
+class WeightsUnavailable(ClientError):
+    """The server does not publish this version's weights (404): only black-box re-sync is possible."""
 
 
 @dataclass
@@ -108,6 +115,25 @@ class Client:
         parts = [self._infer(pixels[i:i + self.images_per_request]) for i in range(0, len(pixels), self.images_per_request)]
         return Result(np.concatenate([p.classes for p in parts]), [lab for p in parts for lab in p.labels],
                       np.concatenate([p.probabilities for p in parts]), [v for p in parts for v in p.versions])
+
+    def download_weights(self, version: str, path: str | Path) -> Path:
+        """Fetch a version's classifier weights (safetensors) into `path`, atomically, checking their sha256."""
+        url = f"{self.server.rstrip('/')}/v2/models/{self.model}/versions/{version}/weights"
+        try:
+            response = self.http.get(url)
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"cannot fetch weights from {self.server} ({type(e).__name__}: {str(e)[:80]})") from None
+        if response.status_code == 404:
+            raise WeightsUnavailable(f"{self.server} does not publish the weights of {self.model} version {version}")
+        response = self._check(response)
+        digest = hashlib.sha256(response.content).hexdigest()
+        if digest != response.headers.get("x-model-sha256", digest):
+            raise BadServer(f"{self.server} sent weights whose sha256 {digest[:12]}... is not the one it announced")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(response.content)
+        os.replace(tmp, path)
+        return path
 
     # ---- one request
 

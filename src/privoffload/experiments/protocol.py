@@ -2,9 +2,17 @@
 
     c0        baseline classifier C0 (first N images, no augmentation)
     o0        baseline obfuscator O0 and deobfuscator D0 against frozen C0
-    drift     experiment 1: C goes on from C0 (all images, flips); O0 measured on the current C
+    extra<s>  beyond the paper: C0 fine-tuned a little on other data (seed s), what an update looks like
+    robust    beyond the paper: O0 and D0 trained further against C0 and the extras together (or from scratch)
+    drift     experiment 1: C goes on from C0 (all images, flips); O0 (and the robust O) measured on the current C
     recovery  experiment 2: O and D go on from O0 against the final C
     attack    a fresh attacker against the final obfuscator: the privacy number that counts
+    attack-o0, attack-robust   fresh attackers against O0 and the robust O: is their privacy the same?
+    whitebox  beyond the paper: re-sync O0 to the final C from its published weights, in a budget of steps
+    blackbox  beyond the paper: re-sync O0 from the final C's API answers alone, queries counted and capped
+
+The extras and the robust obfuscator come before `drift` because experiment 1 measures both
+obfuscators on the very same classifiers, as probes of that one run (docs/drift-robustness.md).
 
 Giving the same command again continues: finished stages are reused (each stage checks that its
 saved config still matches), and the interrupted stage resumes from its checkpoint.
@@ -13,6 +21,7 @@ saved config still matches), and the interrupted stage resumes from its checkpoi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -20,14 +29,31 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .. import config as config_mod
 from .. import nets
-from ..config import AttackConfig, ClassifierConfig, ObfuscatorConfig
-from ..data import load_cifar10
+from ..config import AttackConfig, ClassifierConfig, ObfuscatorConfig, ResyncConfig
+from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
-from ..train.common import atomic_write_bytes, is_done, pick_device
+from ..train.common import RunDir, atomic_write_bytes, is_done, pick_device, use_bf16
 
 PROFILES = ("smoke", "quick", "paper")
+
+
+@dataclass
+class RobustConfig:
+    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
+    extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
+        epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
+    weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
+    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
+    fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
+    epochs: int = 0  # 0 = the baseline obfuscator's epochs
+    lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
+    attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
 
 
 @dataclass
@@ -40,6 +66,8 @@ class ProtocolConfig:
     drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="all", flip=True))
     recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="all", flip=True))
     attack: AttackConfig = field(default_factory=AttackConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
 
 
 def profile_path(name: str) -> Path:
@@ -58,13 +86,26 @@ def load_profile(name: str, sets: list[str] | None = None) -> ProtocolConfig:
 
 
 def stage_configs(cfg: ProtocolConfig, out: Path) -> dict[str, Any]:
-    """The five stage configs with their links to earlier stages, each validated."""
+    """Every stage's config, in the order they run, with its links to earlier stages, each validated."""
+    extras = {f"extra{s}": replace(cfg.robust.extra, init=str(out / "c0"), seed=s, width=cfg.baseline_classifier.width)
+              for s in cfg.robust.seeds}
+    o0 = replace(cfg.baseline_obfuscator, classifier=str(out / "c0"))
+    r = cfg.robust
+    robust = replace(o0, ensemble=[str(out / name) for name in extras], ensemble_weight=r.weight,
+                     ensemble_per_step=r.per_step, lam=o0.lam if r.lam < 0 else r.lam,
+                     init=str(out / "o0") if r.fine_tune else "", epochs=r.epochs or o0.epochs)
     stages = {
         "c0": cfg.baseline_classifier,
-        "o0": replace(cfg.baseline_obfuscator, classifier=str(out / "c0")),
+        "o0": o0,
+        **extras,
+        **({"robust": robust} if extras else {}),
         "drift": replace(cfg.drift, init=str(out / "c0")),
         "recovery": replace(cfg.recovery, classifier=str(out / "drift"), init=str(out / "o0")),
         "attack": replace(cfg.attack, obfuscator=str(out / "recovery")),
+        **({"attack-o0": replace(cfg.robust.attack, obfuscator=str(out / "o0")),
+            "attack-robust": replace(cfg.robust.attack, obfuscator=str(out / "robust"))} if extras else {}),
+        "whitebox": replace(cfg.resync, mode="white-box"),
+        "blackbox": replace(cfg.resync, mode="black-box"),
     }
     for name, stage_cfg in stages.items():
         try:
@@ -94,17 +135,18 @@ def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | None = N
     data = load_cifar10(data_root)
     atomic_write_bytes(out / "data.txt", data.source.encode())
 
-    def o0_probe() -> dict[str, Any]:
-        return {"O0": nets.load(out / "o0" / "obfuscator.safetensors", expect="codec")}
+    def drift_probes() -> dict[str, Any]:
+        probes = {"O0": "o0", "robust": "robust"}
+        return {k: nets.load(out / v / "obfuscator.safetensors", expect="codec") for k, v in probes.items() if v in stages}
 
+    # each stage's config type says which trainer runs it; drift also measures the obfuscators made so far
+    trainers = {ClassifierConfig: train_classifier, ObfuscatorConfig: train_obfuscator, AttackConfig: train_attack,
+                ResyncConfig: functools.partial(resync_stage, protocol=out)}
     runners: dict[str, Callable[[], Any]] = {
-        "c0": lambda: train_classifier(stages["c0"], out / "c0", resume=True, data=data, device=device),
-        "o0": lambda: train_obfuscator(stages["o0"], out / "o0", resume=True, data=data, device=device),
-        "drift": lambda: train_classifier(stages["drift"], out / "drift", resume=True, data=data, device=device,
-                                          probes=o0_probe()),
-        "recovery": lambda: train_obfuscator(stages["recovery"], out / "recovery", resume=True, data=data, device=device),
-        "attack": lambda: train_attack(stages["attack"], out / "attack", resume=True, data=data, device=device),
-    }
+        name: functools.partial(trainers[type(stage)], stage, out / name, resume=True, data=data, device=device)
+        for name, stage in stages.items()}
+    runners["drift"] = lambda: train_classifier(stages["drift"], out / "drift", resume=True, data=data, device=device,
+                                                probes=drift_probes())
     for name, run in runners.items():
         was_done = is_done(out / name)
         t0 = time.perf_counter()
@@ -127,3 +169,56 @@ def add_wall_time(out: Path, stage: str, seconds: float) -> None:
 
 def as_dict(cfg: ProtocolConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool = True, data: Cifar10 | None = None,
+                 device: str = "auto") -> Path:
+    """Re-sync O0 (and D0) to the drifted classifier, white-box (its weights) or black-box (its answers, through
+    a counted API; the surrogate starts from C0), scoring O on the test images against the real drifted C.
+
+    A re-sync is short: an interrupted one starts over; a finished one (DONE) is kept.
+    """
+    from ..client.resync import Budget, black_box, local_api, white_box
+    from ..metrics import accuracy
+    from ..privacy.metrics import obfuscation_metrics
+    from ..train.common import frozen
+    from ..train.obfuscator import load_classifier, load_obfuscator
+
+    run = RunDir(out)
+    run.start(cfg, resume)
+    if is_done(out):
+        return out / "obfuscator.safetensors"
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    dev = pick_device(device)
+    data = data or load_cifar10()
+    train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
+    test = DeviceData(*select(data, cfg.test_subset, cfg.seed, split="test"), dev)
+    obf, deobf = load_obfuscator(protocol / "o0", dev), load_obfuscator(protocol / "o0", dev, name="deobfuscator")
+    new = frozen(load_classifier(protocol / "drift", dev))
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    bf16 = use_bf16(cfg.precision, dev)
+
+    def evaluate(step: int, queries: int) -> None:
+        """Obfuscated accuracy on the real new C; at the end also the 8-bit accuracy and D's PSNR/SSIM."""
+        t1 = time.perf_counter()
+        record = {"stage": out.name, "step": step, "queries": queries}
+        if step == cfg.steps:
+            record.update(obfuscation_metrics(new, obf, deobf, test, bf16=bf16))
+        else:
+            record["obfuscated_accuracy"] = accuracy(new, test, transform=obf.eval(), bf16=bf16)
+        record["eval_time_s"] = time.perf_counter() - t1
+        record["time_s"] = t1 - t0
+        run.log(record)
+        print(f"{out.name} step {step}/{cfg.steps} queries {queries} obf {record['obfuscated_accuracy']:.4f}", flush=True)
+
+    if cfg.mode == "white-box":
+        white_box(obf, deobf, new, train, cfg, on_eval=evaluate)
+    else:
+        api = Budget(local_api(new, dev), cfg.max_queries)
+        black_box(obf, deobf, api, train, cfg, load_classifier(protocol / "c0", dev), on_eval=evaluate)
+    nets.save(deobf, out / "deobfuscator.safetensors", mode=cfg.mode)
+    nets.save(obf, out / "obfuscator.safetensors", mode=cfg.mode)
+    run.finish()
+    return out / "obfuscator.safetensors"

@@ -8,6 +8,10 @@ C is frozen (`frozen`: eval mode, no weight gradients), so its weights and Batch
 stay exactly as the cloud trained them. Everything else (run folder, per-epoch seeds, checkpoints,
 DDP) follows `train.classifier`.
 
+Drift robustness (`ensemble`, docs/drift-robustness.md): the CE term becomes a weighted mean over C
+and extra frozen classifiers that look like C's next updates, so O(x) stays readable when C moves.
+`game_step` is the one step of the game; the client's re-sync (client/resync.py) plays it too.
+
 Precision ("auto"): everything under bf16 autocast wherever `use_bf16` finds bf16 fast (CUDA, CPUs
 with AVX512-BF16/AMX), with channels_last. Measured on a 2-core AVX512-BF16 CPU, one thread, with
 bench/obfuscator_precision.py: on its own, forward + backward of the codec's strided depthwise
@@ -18,6 +22,7 @@ bf16 too than with only the classifier in bf16. At width 8 the two are equal.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,12 +60,68 @@ def run_weights(run: str | Path, filename: str, what: str) -> Path:
 
 
 def load_classifier(run: str | Path, device: torch.device) -> nn.Module:
-    return nets.load(run_weights(run, "classifier.safetensors", "classifier"), expect="resnet18", device=device)
+    """C of a classifier run folder, or of a classifier .safetensors file."""
+    path = Path(run) if Path(run).is_file() else run_weights(run, "classifier.safetensors", "classifier")
+    return nets.load(path, expect="resnet18", device=device)
 
 
 def load_obfuscator(run: str | Path, device: torch.device, name: str = "obfuscator") -> nn.Module:
     """O (or, with name="deobfuscator", D) of an obfuscator run."""
     return nets.load(run_weights(run, f"{name}.safetensors", "obfuscator"), expect="codec", device=device)
+
+
+class Readability:
+    """O's classification loss: CE under C, or the weighted mean CE under C and the extra classifiers.
+
+    loss = (CE_C + w * sum_k CE_k) / (1 + w * K). With `per_step` = k > 0 each step draws k of the K
+    extras (seeded per epoch) and scales their sum by K / k, so the expected loss is the same at a cost
+    of 1 + k classifier passes instead of 1 + K. Returns the loss and C's logits.
+    """
+
+    def __init__(self, classifier: nn.Module, extras: list[nn.Module] = (), weight: float = 1.0, per_step: int = 0):
+        self.classifier, self.extras, self.weight = classifier, list(extras), weight
+        self.per_step = per_step or len(self.extras)
+        self.draw = random.Random(0)
+
+    def reseed(self, seed: int) -> None:
+        self.draw = random.Random(seed)
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.classifier(z).float()
+        ce = F.cross_entropy(logits, y)
+        if not self.extras or self.weight == 0:
+            return ce, logits
+        chosen = self.draw.sample(self.extras, self.per_step)
+        extra = sum(F.cross_entropy(c(z).float(), y) for c in chosen) * (len(self.extras) / len(chosen))
+        return (ce + self.weight * extra) / (1 + self.weight * len(self.extras)), logits
+
+
+def game_step(obf_net: nn.Module, deobf_net: nn.Module, readability: Callable, xb: torch.Tensor, yb: torch.Tensor,
+              opt_o: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, *, lam: float, recon: Loss,
+              device: torch.device, bf16: bool) -> tuple[torch.Tensor, ...]:
+    """One step of the game (D, then O against the updated D); returns the detached CE, D's loss, O's loss, C's logits.
+
+    `readability(z, y)` -> (classification loss, logits): a `Readability`, or a surrogate's in black-box re-sync.
+    """
+    deobf = getattr(deobf_net, "module", deobf_net)
+    with autocast(device, bf16):
+        z = obf_net(xb).float()
+        # 1. D's step, on the upload as given: O(x) detached, so it cannot move O
+        loss_d = recon(deobf_net(z.detach()).float(), xb)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    # 2. O's step: readable for the frozen classifier(s), hard for the updated D (whose weights take no gradient)
+    deobf.requires_grad_(False)
+    with autocast(device, bf16):
+        ce, logits = readability(z, yb)
+        loss_o = ce - lam * recon(deobf(z).float(), xb) if lam > 0 else ce
+    opt_o.zero_grad(set_to_none=True)
+    loss_o.backward()
+    opt_o.step()
+    deobf.requires_grad_(True)
+    return ce.detach(), loss_d.detach(), loss_o.detach(), logits.detach()
 
 
 def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
@@ -70,6 +131,8 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
     dist = init_dist(dev)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     classifier = frozen(load_classifier(cfg.classifier, dev).to(memory_format=memory))
+    extras = [frozen(load_classifier(c, dev).to(memory_format=memory)) for c in cfg.ensemble]
+    readability = Readability(classifier, extras, cfg.ensemble_weight, cfg.ensemble_per_step)
     if cfg.init:
         run_weights(cfg.init, "deobfuscator.safetensors", "obfuscator")
     run = RunDir(out, dist)
@@ -130,31 +193,15 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=dev)  # CE, D's reconstruction loss, O's loss
         correct = torch.zeros((), device=dev, dtype=torch.long)
+        readability.reseed((cfg.seed * 100_003 + epoch) * 64 + dist.rank)
         with progress.epoch(epoch + 1, steps):
             for xb, yb in train.batches(per_rank_batch, shuffle=True, flip_images=cfg.flip, seed=cfg.seed * 100_003 + epoch,
                                         drop_last=True, rank=dist.rank, world=dist.world, channels_last=cfg.channels_last):
-                with autocast(dev, bf16):
-                    z = obf_net(xb).float()
-                    # 1. D's step, on the upload as given: O(x) detached, so it cannot move O
-                    loss_d = recon(deobf_net(z.detach()).float(), xb)
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
+                ce, loss_d, loss_o, logits = game_step(obf_net, deobf_net, readability, xb, yb, opt_o, opt_d, lam=cfg.lam,
+                                                       recon=recon, device=dev, bf16=bf16)
                 sched_d.step()
-
-                # 2. O's step: readable for the frozen C, hard for the updated D (whose weights take no gradient)
-                deobf.requires_grad_(False)
-                with autocast(dev, bf16):
-                    logits = classifier(z).float()
-                    ce = F.cross_entropy(logits, yb)
-                    loss_o = ce - cfg.lam * recon(deobf(z).float(), xb) if cfg.lam > 0 else ce
-                opt_o.zero_grad(set_to_none=True)
-                loss_o.backward()
-                opt_o.step()
                 sched_o.step()
-                deobf.requires_grad_(True)
-
-                sums += torch.stack([ce.detach(), loss_d.detach(), loss_o.detach()])
+                sums += torch.stack([ce, loss_d, loss_o])
                 correct += (logits.argmax(1) == yb).sum()
                 progress.step()
         seen = steps * per_rank_batch * dist.world
@@ -170,7 +217,8 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
 
         # ---- weights every epoch, then the checkpoint (its epoch says what is complete)
         if dist.main:
-            meta = {"epoch": str(epoch + 1), "lam": repr(cfg.lam), "classifier": str(cfg.classifier)}
+            meta = {"epoch": str(epoch + 1), "lam": repr(cfg.lam), "classifier": str(cfg.classifier),
+                    "ensemble": str(len(cfg.ensemble))}
             nets.save(obf, run.path / "obfuscator.safetensors", **meta)
             nets.save(deobf, run.path / "deobfuscator.safetensors", **meta)
         run.save_checkpoint({"arch": arch, "epoch": epoch + 1, "obfuscator": obf.state_dict(),

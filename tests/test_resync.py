@@ -1,0 +1,162 @@
+"""Drift robustness (ensemble training), re-sync (white-box, black-box, query budget) and drift detection,
+at smoke scale on real CIFAR-10 slices. The HTTP end-to-end test is tests/cloud/test_autosync.py."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privoffload import nets
+from privoffload.client.client import Result
+from privoffload.client.drift import DriftMonitor
+from privoffload.client.resync import Budget, black_box, local_api, white_box
+from privoffload.config import DriftConfig, ObfuscatorConfig, ResyncConfig
+from privoffload.data import DeviceData
+from privoffload.errors import UserError
+from privoffload.metrics import accuracy
+from privoffload.train.obfuscator import Readability, train_obfuscator
+
+from .conftest import assert_user_error, run_cli
+
+
+def fitted(images: np.ndarray, labels: np.ndarray, seed: int) -> torch.nn.Module:
+    """A small classifier that really classifies `images`: BatchNorm measured on them, last layer by least squares."""
+    torch.manual_seed(seed)
+    net = nets.resnet18(8)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    net.train()
+    x = torch.from_numpy(images).float() / 255
+    with torch.no_grad():
+        net(x)
+        net.eval()
+        fc, net.fc = net.fc, torch.nn.Identity()
+        feats = torch.cat([net(x).double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        target = F.one_hot(torch.from_numpy(labels), 10).double()
+        w = torch.linalg.solve(feats.T @ feats + 1e-2 * torch.eye(feats.shape[1], dtype=torch.float64), feats.T @ target)
+        fc.weight.copy_(w[:-1].T.float())
+        fc.bias.copy_(w[-1].float())
+        net.fc = fc
+    return net.eval()
+
+
+def test_readability_is_the_weighted_mean_and_sampling_keeps_its_expectation():
+    torch.manual_seed(0)
+    c, e = nets.resnet18(8).eval(), nets.resnet18(8).eval()
+    z, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        loss, logits = Readability(c, [e], weight=2.0)(z, y)
+        ce_c, ce_e = F.cross_entropy(c(z), y), F.cross_entropy(e(z), y)
+        assert torch.allclose(loss, (ce_c + 2 * ce_e) / 3) and torch.equal(logits, c(z))
+        assert torch.allclose(Readability(c)(z, y)[0], ce_c)
+        # one of two identical extras per step, scaled by 2/1, is exactly the full ensemble
+        full = Readability(c, [e, e])(z, y)[0]
+        assert torch.allclose(Readability(c, [e, e], per_step=1)(z, y)[0], full)
+        assert not torch.allclose(full, ce_c)
+
+
+def test_obfuscator_trains_against_an_ensemble_of_run_folders_and_files(tmp_path, cifar):
+    x, y = cifar.x_train[:256], cifar.y_train[:256]
+    (tmp_path / "c").mkdir()
+    nets.save(fitted(x, y, 0), tmp_path / "c" / "classifier.safetensors")
+    nets.save(fitted(x, y, 1), tmp_path / "extra.safetensors")
+    (tmp_path / "e").mkdir()
+    nets.save(fitted(x, y, 2), tmp_path / "e" / "classifier.safetensors")
+    cfg = ObfuscatorConfig(classifier=str(tmp_path / "c"), ensemble=[str(tmp_path / "extra.safetensors"), str(tmp_path / "e")],
+                           ensemble_per_step=1, width=4, epochs=1, batch_size=64, subset="first:128",
+                           test_subset="random:128")
+    path = train_obfuscator(cfg, tmp_path / "o", data=cifar, device="cpu")
+    assert nets.read_metadata(path)["ensemble"] == "2"
+    assert 'ensemble = [' in (tmp_path / "o" / "config.toml").read_text()
+
+    done = run_cli("train-obfuscator", "--classifier", tmp_path / "c", "--out", tmp_path / "o2",
+                   "--set", f'ensemble=["{tmp_path / "nowhere"}"]', check=False)
+    assert_user_error(done, "nowhere", "does not exist")
+    with pytest.raises(UserError, match="ensemble_per_step = 2 must be between 0"):
+        dataclasses.replace(cfg, ensemble=cfg.ensemble[:1], ensemble_per_step=2).validate()
+
+
+def test_budget_counts_every_image_and_refuses_past_its_cap():
+    api = Budget(lambda pixels: np.full((len(pixels), 10), 0.1), cap=10)
+    assert api(np.zeros((6, 3, 32, 32), np.uint8)).shape == (6, 10) and api.used == 6 and api.left == 4
+    with pytest.raises(UserError, match="exceed the budget of 10"):
+        api(np.zeros((5, 3, 32, 32), np.uint8))
+    assert api.used == 6
+    with pytest.raises(UserError, match="max_queries"):
+        ResyncConfig(max_queries=3, rounds=4).validate()
+
+
+@pytest.fixture(scope="module")
+def drifted(cifar):
+    """The client's 256 labelled images; O0 fitted to an 'old' classifier; a 'new' classifier that differs."""
+    x, y = cifar.x_train[:256], cifar.y_train[:256]
+    torch.manual_seed(0)
+    obf, deobf = nets.codec(4), nets.codec(4)
+    with torch.no_grad():
+        obf(torch.from_numpy(x[:64]).float() / 255)  # BatchNorm statistics of real images, as after training
+        obf.eval()
+        z = (torch.round(obf(torch.from_numpy(x).float() / 255) * 255)).to(torch.uint8).numpy()
+    return x, y, obf, deobf, fitted(z, y, 0), fitted(x, y, 1)
+
+
+def test_white_box_resync_moves_o_and_d_only_and_reports_its_steps(drifted):
+    x, y, obf0, deobf0, _, new = drifted
+    obf, deobf = copy.deepcopy(obf0), copy.deepcopy(deobf0)
+    new_before = copy.deepcopy(new.state_dict())
+    evals = []
+    white_box(obf, deobf, new, DeviceData(x, y), ResyncConfig(steps=6, batch_size=32, lam=0.1, eval_every=4),
+              on_eval=lambda step, queries: evals.append((step, queries)))
+    assert evals == [(0, 0), (4, 0), (6, 0)]
+    for before, after in ((obf0, obf), (deobf0, deobf)):
+        assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in new_before.items())  # weights and BatchNorm kept
+
+
+def test_black_box_resync_spends_exactly_its_queries_and_distils_the_api(drifted):
+    x, y, obf0, deobf0, old, new = drifted
+    obf, deobf = copy.deepcopy(obf0), copy.deepcopy(deobf0)
+    data = DeviceData(x, y)
+    api = Budget(local_api(new), cap=300)
+    cfg = ResyncConfig(steps=6, batch_size=64, lam=0.1, max_queries=300, rounds=3, surrogate_steps=8, eval_every=4)
+    evals = []
+    surrogate = black_box(obf, deobf, api, data, cfg, copy.deepcopy(old), on_eval=lambda s, q: evals.append((s, q)))
+    assert api.used == 300 and evals == [(0, 0), (2, 100), (4, 200), (6, 300)]
+    assert [q for _, q in evals] == sorted(q for _, q in evals)  # queries only grow
+
+    with torch.no_grad():  # on the uploads of the re-synced O, the surrogate answers like the API; C0 does not
+        uploads = torch.round(obf.eval()(torch.from_numpy(x).float() / 255) * 255) / 255
+        truth = torch.softmax(new(uploads), 1)
+        kl = [F.kl_div(F.log_softmax(net(uploads), 1), truth, reduction="batchmean").item() for net in (surrogate, old)]
+    print(f"\nKL(API || surrogate) {kl[0]:.4f}, KL(API || old classifier) {kl[1]:.4f}")
+    assert kl[0] < 0.5 * kl[1]
+
+
+def answer(classes: np.ndarray, version: str = "1") -> Result:
+    return Result(classes, [str(c) for c in classes], np.zeros((len(classes), 10), np.float32), [version] * len(classes))
+
+
+def test_drift_monitor_decides_and_logs(tmp_path):
+    canary = (np.zeros((4, 3, 32, 32), np.uint8), np.array([0, 1, 2, 3]))
+    monitor = DriftMonitor(DriftConfig(canary_threshold=0.7, canary_every=2), canary, events=tmp_path / "events.jsonl")
+    right, half = (lambda x: answer(np.array([0, 1, 2, 3]))), (lambda x: answer(np.array([0, 1, 0, 0])))
+    assert monitor.check(right) is None  # call 1: no check due
+    assert monitor.check(right) is None  # call 2: canary 1.0
+    monitor.version_changed("1", "2")
+    assert monitor.check(half) == "model version 1 -> 2"  # pending beats the canary
+    assert monitor.check(half) == "canary accuracy 0.500 below 0.7"  # call 4: canary due and low
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in logged] == ["canary checked", "model version changed", "canary checked"]
+    assert logged[0]["accuracy"] == 1.0 and logged[2]["resync"] is True and logged == monitor.events
+
+    quiet = DriftMonitor(DriftConfig(on_version_change=False))  # both signals can be switched off
+    quiet.version_changed("2", "3")
+    assert quiet.check(half) is None and quiet.events[0]["resync"] is False
+    with pytest.raises(UserError, match="canary_threshold"):
+        DriftMonitor(DriftConfig(canary_threshold=1.5))
