@@ -179,8 +179,8 @@ class ResyncConfig:
     test_subset: str = "all"
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
-    optim_o: OptimConfig = field(default_factory=_adam)
-    optim_d: OptimConfig = field(default_factory=_adam)
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
     optim_surrogate: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=3e-4, weight_decay=0.0,
                                                                              schedule="constant", warmup_epochs=0.0))
 
