@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, calibrated, make_repo, serve
 from privoffload import nets
+from privoffload.client import load_obfuscator, quantize
 from privoffload.client.drift import AutoSyncClient
 from privoffload.config import DriftConfig, ResyncConfig
 
@@ -65,9 +66,9 @@ def test_white_box_resync_after_a_hot_swap_without_the_user_doing_anything(tmp_p
     assert all(torch.equal(published[k], kept[k]) for k in published)  # the downloaded weights, verified
 
     # the answer the user got came from the re-synced obfuscator
-    obf, cloud = nets.load(state / "obfuscator.safetensors").eval(), nets.load(weights["c2"]).eval()
+    obfuscate, cloud = load_obfuscator(state / "obfuscator.safetensors"), nets.load(weights["c2"]).eval()
     with torch.no_grad():
-        uploads = torch.round(obf(torch.from_numpy(x).float() / 255).clamp(0, 1) * 255) / 255
+        uploads = torch.from_numpy(quantize(obfuscate(x))).float() / 255
         np.testing.assert_allclose(result.probabilities, torch.softmax(cloud(uploads), 1).numpy(), atol=1e-4)
 
 
