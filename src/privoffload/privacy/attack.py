@@ -20,7 +20,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..metrics import quantize8
 from ..train.common import (Progress, RunDir, autocast, frozen, init_dist, make_optimizer, make_schedule, pick_device,
-                            rank_device, rng_state, seed_everything, set_rng_state, use_bf16)
+                            rank_device, seed_everything, use_bf16)
 from ..train.obfuscator import load_obfuscator, reconstruction_loss
 from .metrics import reconstruction_quality
 
@@ -52,16 +52,8 @@ def train_attack(cfg: AttackConfig, out: str | Path, *, resume: bool = False, da
     sched = make_schedule(opt, cfg.optim, steps, cfg.epochs)
 
     arch = nets.arch_of(attacker)
-    start = 0
-    state = run.load_checkpoint(arch) if resume else None
-    if state is not None:
-        attacker.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-        start = state["epoch"]
-    if resume:
-        run.rewind(start)
+    parts = {"model": attacker, "optim": opt, "sched": sched}
+    start = run.restore(arch, parts, resume)
 
     progress = Progress(f"attack ({cfg.arch})", cfg.epochs, start)
     for epoch in range(start, cfg.epochs):
@@ -95,8 +87,7 @@ def train_attack(cfg: AttackConfig, out: str | Path, *, resume: bool = False, da
 
         if dist.main:
             nets.save(attacker, run.path / "attacker.safetensors", epoch=str(epoch + 1), obfuscator=str(cfg.obfuscator))
-        run.save_checkpoint({"arch": arch, "epoch": epoch + 1, "model": attacker.state_dict(), "optim": opt.state_dict(),
-                             "sched": sched.state_dict(), "rng": rng_state()})
+        run.checkpoint(arch, epoch + 1, parts)
         shown = f"loss {record['train_reconstruction_loss']:.4f}"
         if "attacker_psnr_db" in record:
             shown += f" test {record['attacker_psnr_db']:.2f} dB ssim {record['attacker_ssim']:.3f}"

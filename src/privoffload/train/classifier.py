@@ -21,7 +21,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..metrics import accuracy
 from .common import (Progress, RunDir, autocast, init_dist, make_optimizer, make_schedule, pick_device, rank_device,
-                     rng_state, seed_everything, set_rng_state, use_bf16)
+                     seed_everything, use_bf16)
 
 
 def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
@@ -54,16 +54,8 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = F
     probes = {k: v.to(dev).eval() for k, v in (probes or {}).items()}
 
     arch = nets.arch_of(model)
-    start = 0
-    state = run.load_checkpoint(arch) if resume else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-        start = state["epoch"]
-    if resume:
-        run.rewind(start)
+    parts = {"model": model, "optim": opt, "sched": sched}
+    start = run.restore(arch, parts, resume)
 
     def evaluate(epoch: int, record: dict) -> dict:
         record["test_accuracy"] = accuracy(model, test, bf16=bf16, dist=dist)
@@ -110,8 +102,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = F
         # ---- weights every epoch, then the checkpoint (its epoch says what is complete)
         if dist.main:
             nets.save(model, run.path / "classifier.safetensors", epoch=str(epoch + 1))
-        run.save_checkpoint({"arch": arch, "epoch": epoch + 1, "model": model.state_dict(), "optim": opt.state_dict(),
-                             "sched": sched.state_dict(), "rng": rng_state()})
+        run.checkpoint(arch, epoch + 1, parts)
         shown = f"loss {record['train_loss']:.3f} train {record['train_accuracy']:.3f}"
         if "test_accuracy" in record:
             shown += f" test {record['test_accuracy']:.4f}"

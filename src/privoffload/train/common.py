@@ -171,6 +171,26 @@ class RunDir:
             )
         return state
 
+    def restore(self, arch: dict[str, Any], parts: dict[str, Any], resume: bool) -> int:
+        """On resume: load the last checkpoint into `parts` (name -> anything with load_state_dict),
+        restore the RNG and drop metrics logged after it. Returns the epoch to start from."""
+        if not resume:
+            return 0
+        state = self.load_checkpoint(arch)
+        start = 0
+        if state is not None:
+            for key, part in parts.items():
+                part.load_state_dict(state[key])
+            set_rng_state(state["rng"])
+            start = state["epoch"]
+        self.rewind(start)
+        return start
+
+    def checkpoint(self, arch: dict[str, Any], epoch: int, parts: dict[str, Any]) -> None:
+        """Save `parts` (the same names `restore` takes), the RNG and the number of finished epochs."""
+        self.save_checkpoint({"arch": arch, "epoch": epoch, "rng": rng_state(),
+                              **{key: part.state_dict() for key, part in parts.items()}})
+
     def finish(self) -> None:
         """Mark the run complete; the checkpoint stays so that a finished run can be extended."""
         if self.dist.main:

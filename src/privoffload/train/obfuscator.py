@@ -38,7 +38,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..privacy.metrics import obfuscation_metrics
 from .common import (Progress, RunDir, autocast, frozen, init_dist, make_optimizer, make_schedule, pick_device,
-                     rank_device, rng_state, seed_everything, set_rng_state, use_bf16)
+                     rank_device, seed_everything, use_bf16)
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -163,19 +163,9 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
     sched_d = make_schedule(opt_d, cfg.optim_d, steps, cfg.epochs)
 
     arch = {"obfuscator": nets.arch_of(obf), "deobfuscator": nets.arch_of(deobf)}
-    start = 0
-    state = run.load_checkpoint(arch) if resume else None
-    if state is not None:
-        obf.load_state_dict(state["obfuscator"])
-        deobf.load_state_dict(state["deobfuscator"])
-        opt_o.load_state_dict(state["optim_o"])
-        opt_d.load_state_dict(state["optim_d"])
-        sched_o.load_state_dict(state["sched_o"])
-        sched_d.load_state_dict(state["sched_d"])
-        set_rng_state(state["rng"])
-        start = state["epoch"]
-    if resume:
-        run.rewind(start)
+    parts = {"obfuscator": obf, "deobfuscator": deobf, "optim_o": opt_o, "optim_d": opt_d, "sched_o": sched_o,
+             "sched_d": sched_d}
+    start = run.restore(arch, parts, resume)
 
     def evaluate(record: dict) -> dict:
         t0 = time.perf_counter()
@@ -221,10 +211,7 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
                     "ensemble": str(len(cfg.ensemble))}
             nets.save(obf, run.path / "obfuscator.safetensors", **meta)
             nets.save(deobf, run.path / "deobfuscator.safetensors", **meta)
-        run.save_checkpoint({"arch": arch, "epoch": epoch + 1, "obfuscator": obf.state_dict(),
-                             "deobfuscator": deobf.state_dict(), "optim_o": opt_o.state_dict(),
-                             "optim_d": opt_d.state_dict(), "sched_o": sched_o.state_dict(),
-                             "sched_d": sched_d.state_dict(), "rng": rng_state()})
+        run.checkpoint(arch, epoch + 1, parts)
         shown = (f"ce {ce_sum:.3f} recon {d_sum:.4f} obf-train {record['train_obfuscated_accuracy']:.3f}")
         if "obfuscated_accuracy" in record:
             shown += (f" obf {record['obfuscated_accuracy']:.4f} q8 {record['quantized_obfuscated_accuracy']:.4f}"
