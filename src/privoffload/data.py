@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .runtime import atomic_path
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 RECORD = 1 + 3 * 32 * 32
@@ -137,15 +138,14 @@ def download(root: str | Path, layout: str = "bin") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tarball = root / url.rsplit("/", 1)[1]
     if not tarball.exists():
-        tmp = tarball.with_suffix(".partial")
         try:
-            urllib.request.urlretrieve(url, tmp)
+            with atomic_path(tarball) as tmp:
+                urllib.request.urlretrieve(url, tmp)
         except (urllib.error.URLError, OSError) as e:
             raise UserError(
                 f"cannot download {url} ({e}); on an offline machine copy {tarball.name} or an unpacked "
                 f"{LAYOUTS[layout]}/ into {root} by hand"
             ) from None
-        os.replace(tmp, tarball)
     digest = hashlib.md5(tarball.read_bytes()).hexdigest()
     if digest != md5:
         raise UserError(f"{tarball} has md5 {digest}, expected {md5}: delete it and download again")

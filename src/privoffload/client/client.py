@@ -9,7 +9,6 @@ client/resync.py does it; `download_weights` fetches a version's weights where t
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 
 from .. import oip
 from ..errors import UserError
+from ..runtime import atomic_write_bytes
 from .images import read_images
 from .obfuscator import Obfuscate, load_obfuscator, quantize
 
@@ -129,11 +129,8 @@ class Client:
         digest = hashlib.sha256(response.content).hexdigest()
         if digest != response.headers.get("x-model-sha256", digest):
             raise BadServer(f"{self.server} sent weights whose sha256 {digest[:12]}... is not the one it announced")
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(response.content)
-        os.replace(tmp, path)
-        return path
+        atomic_write_bytes(path, response.content)
+        return Path(path)
 
     # ---- one request
 

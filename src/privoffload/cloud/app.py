@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__, oip
 from ..config import ServeConfig
 from ..errors import UserError
-from ..train.common import pick_device
+from ..runtime import pick_device
 from . import schemas, tensors
 from .auth import AuthError, Tokens, admin_access, inference_access
 from .batching import VersionGone

@@ -4,7 +4,6 @@ decoder as a stronger attacker), and their files: safetensors whose metadata say
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from ..errors import UserError
+from ..runtime import atomic_path
 from .classifier import ResNet18, resnet18
 from .codec import Codec, codec
 from .unet import UNet, unet
@@ -38,14 +38,13 @@ def arch_of(model: nn.Module) -> dict:
 
 
 def save(model: nn.Module, path: str | Path, **meta: str) -> None:
-    """Write weights atomically, with the architecture in the file's metadata."""
+    """Write weights atomically and durably, with the architecture in the file's metadata."""
     path = Path(path)
     inner = getattr(model, "module", model)
     a = arch_of(inner)
     tensors = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"arch": a["arch"], "width": str(a["width"]), **meta})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"arch": a["arch"], "width": str(a["width"]), **meta})
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

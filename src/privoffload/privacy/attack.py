@@ -20,7 +20,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..metrics import quantize8
 from ..train.common import (Progress, RunDir, autocast, frozen, init_dist, make_optimizer, make_schedule, pick_device,
-                            rank_device, seed_everything, use_bf16)
+                            rank_device, use_bf16)
 from ..train.obfuscator import load_obfuscator, reconstruction_loss
 from .metrics import reconstruction_quality
 
@@ -45,7 +45,7 @@ def train_attack(cfg: AttackConfig, out: str | Path, *, resume: bool = False, da
     if steps == 0:
         raise UserError(f"subset {cfg.subset} has {len(train)} images, fewer than one batch of {cfg.batch_size}; lower batch_size")
 
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     attacker = nets.build(cfg.arch, cfg.width).to(dev, memory_format=memory)
     net = DDP(attacker) if dist.world > 1 else attacker
     opt = make_optimizer(attacker.parameters(), cfg.optim)

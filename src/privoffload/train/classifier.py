@@ -21,7 +21,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..metrics import accuracy
 from .common import (Progress, RunDir, autocast, init_dist, make_optimizer, make_schedule, pick_device, rank_device,
-                     seed_everything, use_bf16)
+                     use_bf16)
 
 
 def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
@@ -44,7 +44,7 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = F
         raise UserError(f"subset {cfg.subset} has {len(train)} images, fewer than one batch of {cfg.batch_size}; lower batch_size")
 
     # ---- model and optimiser
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     model = nets.resnet18(cfg.width).to(dev, memory_format=memory)
     if cfg.init:
         nets.load_into(model, Path(cfg.init) / "classifier.safetensors")

@@ -21,89 +21,11 @@ from torch import nn
 from .. import config as config_mod
 from ..config import OptimConfig
 from ..errors import UserError
-
-
-# ---------------------------------------------------------------- device, precision, ranks
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
-    return precision == "bf16"
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast where asked, else a no-op context (fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place among the ranks of `torchrun` (rank 0 of 1 without it)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks (identity for a single process)."""
-        if self.world > 1:
-            t = t.clone()
-            tdist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            tdist.barrier()
-
-
-def init_dist(device: torch.device) -> Dist:
-    """Join the process group that `torchrun` describes in the environment, once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(tdist.get_rank(), tdist.get_world_size())
-
-
-def rank_device(device: torch.device) -> torch.device:
-    """Under torchrun on CUDA, each rank takes the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        idx = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+from ..runtime import (Dist, atomic_path, atomic_write_bytes, autocast, frozen, init_dist, pick_device,  # noqa: F401
+                       rank_device, rng_state, set_rng_state, use_bf16)
 
 
 # ---------------------------------------------------------------- run folder
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
 
 class RunDir:
     """A run folder: config.toml, metrics.jsonl, *.safetensors, checkpoint.pt. Only rank 0 writes."""
@@ -152,9 +74,8 @@ class RunDir:
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if self.dist.main:
-            tmp = self.checkpoint_path.with_name(f".checkpoint.pt.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, self.checkpoint_path)
+            with atomic_path(self.checkpoint_path) as tmp:
+                torch.save(state, tmp)
         self.dist.barrier()
 
     def load_checkpoint(self, arch: dict[str, Any]) -> dict[str, Any] | None:
@@ -215,19 +136,6 @@ def is_done(path: str | Path) -> bool:
     return (Path(path) / "DONE").exists()
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------- optimiser and schedule
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -253,14 +161,6 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch:
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """Eval mode and no weight gradients: BatchNorm statistics and weights cannot move."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ---------------------------------------------------------------- progress

@@ -38,7 +38,7 @@ from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..privacy.metrics import obfuscation_metrics
 from .common import (Progress, RunDir, autocast, frozen, init_dist, make_optimizer, make_schedule, pick_device,
-                     rank_device, seed_everything, use_bf16)
+                     rank_device, use_bf16)
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -150,7 +150,7 @@ def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = F
         raise UserError(f"subset {cfg.subset} has {len(train)} images, fewer than one batch of {cfg.batch_size}; lower batch_size")
 
     # ---- O and D, their optimisers
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)
     obf = nets.codec(cfg.width).to(dev, memory_format=memory)
     deobf = nets.codec(cfg.width).to(dev, memory_format=memory)
     if cfg.init:
