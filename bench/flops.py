@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from privoffload import nets
-from privoffload.train.common import frozen
+from privoffload.runtime import frozen
 from train_throughput import obfuscator_step
 
 N = 8  # images per counted batch; every count is divided by it

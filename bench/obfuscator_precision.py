@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from privoffload import nets
-from privoffload.train.common import autocast, frozen
+from privoffload.runtime import autocast, frozen
 
 VARIANTS = [  # (codec bf16, classifier bf16, channels_last)
     (False, False, False), (False, False, True), (False, True, True), (True, True, True), (True, False, True),

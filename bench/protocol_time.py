@@ -23,8 +23,8 @@ import torch
 from flops import evaluation_flops, per_image_flops, protocol_stages
 from privoffload import nets
 from privoffload.data import DeviceData
-from privoffload.metrics import accuracy
-from privoffload.train.common import pick_device, use_bf16
+from privoffload.metrics import accuracy, obfuscation_scores
+from privoffload.runtime import pick_device, use_bf16
 from train_throughput import obfuscator_rate, sync, trainer_classifier
 
 
@@ -33,11 +33,11 @@ def eval_seconds(width: int, codec_width: int, test: DeviceData, device: torch.d
     C = nets.resnet18(width).to(device, memory_format=torch.channels_last).eval()
     O = nets.codec(codec_width).to(device, memory_format=torch.channels_last).eval()
     out = []
-    for transform in (None, O):
-        accuracy(C, test, transform=transform, bf16=bf16)
+    for score in (lambda: accuracy(C, test, bf16=bf16), lambda: obfuscation_scores(C, O, test, bf16=bf16)):
+        score()
         sync(device)
         t0 = time.perf_counter()
-        accuracy(C, test, transform=transform, bf16=bf16)
+        score()
         sync(device)
         out.append(time.perf_counter() - t0)
     return out[0], out[1]

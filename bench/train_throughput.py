@@ -34,7 +34,8 @@ from privoffload import nets
 from privoffload.config import ClassifierConfig
 from privoffload.data import DeviceData
 from privoffload.train.classifier import train_classifier
-from privoffload.train.common import autocast, cpu_has_bf16, frozen, read_metrics
+from privoffload.runs import read_metrics
+from privoffload.runtime import autocast, cpu_has_bf16, frozen
 
 
 # ---------------------------------------------------------------- the naive reference

@@ -8,14 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from .conftest import cli, records
+from .helpers import cli, records
 
 from privoffload import nets
 from privoffload.config import AttackConfig
 from privoffload.data import DeviceData
 from privoffload.privacy.attack import train_attack
-from privoffload.privacy.metrics import reconstruction_quality
-from privoffload.train.common import Progress, is_done, use_bf16
+from privoffload.metrics import reconstruction_quality
+from privoffload.runs import is_done
+from privoffload.runtime import use_bf16
+from privoffload.train.loop import Progress
 
 ATTACK_ARGS = ("--arch", "unet", "--width", "4", "--subset", "first:128", "--epochs", "2", "--batch-size", "64",
                "--set", 'test_subset="random:64"')

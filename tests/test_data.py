@@ -1,13 +1,17 @@
+import hashlib
+import io
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from privoffload.data import DeviceData, flip, load_cifar10, parse_subset, select, subset_indices
+from privoffload import data as data_mod
+from privoffload.data import DeviceData, load_cifar10, parse_subset, select, subset_indices
 from privoffload.errors import UserError
 
-from .conftest import assert_user_error, run_cli
+from .helpers import assert_user_error, run_cli
 
 PER_FILE = 60  # records per batch file in the small layouts written below
 
@@ -102,8 +106,9 @@ def test_first_subset_is_the_file_order(cifar):
 
 
 def test_flips_mirror_about_half_and_nothing_else(cifar):
-    x = torch.from_numpy(cifar.x_train[:2000]).float()
-    out = flip(x, torch.Generator().manual_seed(0))
+    data = DeviceData(cifar.x_train[:2000], cifar.y_train[:2000])
+    x = next(data.batches(2000))[0]
+    out = next(data.batches(2000, flip_images=True, seed=0))[0]
     same = (out == x).flatten(1).all(1)
     mirrored = (out == x.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all())
@@ -131,3 +136,25 @@ def test_ranks_take_disjoint_shards():
     r0 = torch.cat([y for _, y in data.batches(10, shuffle=True, seed=3, rank=0, world=2)])
     r1 = torch.cat([y for _, y in data.batches(10, shuffle=True, seed=3, rank=1, world=2)])
     assert len(r0) == len(r1) == 50 and not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_download_checks_the_md5_and_unpacks(tmp_path, monkeypatch):
+    """The official tarball's path, with a small stand-in served from a file:// URL: a right md5 unpacks, a wrong one
+    is refused with a one-line error that says what to do."""
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/batches.meta.txt")
+        text = b"airplane\n"
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    source = tmp_path / "cifar-10-binary.tar.gz"
+    source.write_bytes(payload.getvalue())
+    md5 = hashlib.md5(source.read_bytes()).hexdigest()
+
+    monkeypatch.setitem(data_mod.URLS, "bin", (source.as_uri(), md5))
+    folder = data_mod.download(tmp_path / "ok")
+    assert (folder / "batches.meta.txt").read_bytes() == text
+
+    monkeypatch.setitem(data_mod.URLS, "bin", (source.as_uri(), "0" * 32))
+    with pytest.raises(UserError, match="has md5 .* expected 0{32}: delete it and download again"):
+        data_mod.download(tmp_path / "bad")

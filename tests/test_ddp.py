@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from privoffload.data import DeviceData
-from privoffload.train.common import read_metrics
+from privoffload.runs import read_metrics
 
-TIMING = ("time_s", "images_per_s")
+from .helpers import free_port
+
+TIMING = ("time_s", "images_per_s", "eval_time_s")
 
 
 def test_ranks_together_see_exactly_one_process_batches():
@@ -32,12 +35,6 @@ def test_ranks_together_see_exactly_one_process_batches():
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *ranks):
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
         assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(out: Path, *extra: str) -> subprocess.Popen:
@@ -84,8 +81,12 @@ def test_torchrun_two_ranks_train_and_resume_exactly_after_a_kill(tmp_path):
     assert proc.returncode != 0
     assert not (broken / "DONE").exists(), "the run finished before it could be killed"
     assert len(read_metrics(broken)) < 4
+    done = torch.load(broken / "checkpoint.pt", weights_only=True)["epoch"]  # epochs the checkpoint holds
+    kept = [line for line in (broken / "metrics.jsonl").read_text().splitlines() if json.loads(line)["epoch"] <= done]
 
-    finish(torchrun(broken, "--resume"))
+    log = finish(torchrun(broken, "--resume"))
+    assert re.findall(r"classifier epoch (\d)/4", log) == [str(e) for e in range(done + 1, 5)]  # only the rest is trained
+    assert (broken / "metrics.jsonl").read_text().splitlines()[:done] == kept  # finished epochs' records untouched
     resumed = read_metrics(broken)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]  # noqa: E731
     assert strip(resumed) == strip(records)  # the same losses and accuracies, epoch for epoch

@@ -7,25 +7,20 @@ import torch
 
 from privoffload import nets
 from privoffload.client.fast import fast_obfuscator, fold_batchnorm, has_onnxruntime
-from privoffload.data import load_cifar10
 from privoffload.errors import UserError
+
+from .helpers import calibrated
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(cifar):
     """A seeded Table I codec whose BatchNorm statistics come from real training images (fresh
     statistics are an identity, which would hide folding errors), real test images, and the
     eager fp32 output on them."""
-    d = load_cifar10()
-    train, test = (torch.from_numpy(a[:128]).float() / 255 for a in (d.x_train, d.x_test))
     torch.manual_seed(0)
-    model = nets.codec(32)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
+    model = calibrated(nets.codec(32), cifar.x_train[:128])
+    test = torch.from_numpy(cifar.x_test[:128]).float() / 255
     with torch.no_grad():
-        model.train()(train)
-        model.eval()
         ref = model(test)
     assert ref.std() > 0.05  # a non-trivial output, so that a wrong graph cannot pass
     return model, test, ref

@@ -15,36 +15,15 @@ import torch.nn.functional as F
 from privoffload import nets
 from privoffload.client.client import Result
 from privoffload.client.drift import DriftMonitor
-from privoffload.client.resync import Budget, black_box, local_api, white_box
+from privoffload.client.resync import ClientState
+from privoffload.train.resync import Budget, black_box, game_lambda, local_api, white_box
 from privoffload.config import DriftConfig, ObfuscatorConfig, ResyncConfig
 from privoffload.data import DeviceData
 from privoffload.errors import UserError
-from privoffload.metrics import accuracy
-from privoffload.train.obfuscator import Readability, train_obfuscator
+from privoffload.train.game import Readability
+from privoffload.train.obfuscator import train_obfuscator
 
-from .conftest import assert_user_error, run_cli
-
-
-def fitted(images: np.ndarray, labels: np.ndarray, seed: int) -> torch.nn.Module:
-    """A small classifier that really classifies `images`: BatchNorm measured on them, last layer by least squares."""
-    torch.manual_seed(seed)
-    net = nets.resnet18(8)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    x = torch.from_numpy(images).float() / 255
-    with torch.no_grad():
-        net(x)
-        net.eval()
-        fc, net.fc = net.fc, torch.nn.Identity()
-        feats = torch.cat([net(x).double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
-        target = F.one_hot(torch.from_numpy(labels), 10).double()
-        w = torch.linalg.solve(feats.T @ feats + 1e-2 * torch.eye(feats.shape[1], dtype=torch.float64), feats.T @ target)
-        fc.weight.copy_(w[:-1].T.float())
-        fc.bias.copy_(w[-1].float())
-        net.fc = fc
-    return net.eval()
+from .helpers import assert_user_error, fitted_classifier, run_cli
 
 
 def test_readability_is_the_weighted_mean_and_sampling_keeps_its_expectation():
@@ -65,10 +44,10 @@ def test_readability_is_the_weighted_mean_and_sampling_keeps_its_expectation():
 def test_obfuscator_trains_against_an_ensemble_of_run_folders_and_files(tmp_path, cifar):
     x, y = cifar.x_train[:256], cifar.y_train[:256]
     (tmp_path / "c").mkdir()
-    nets.save(fitted(x, y, 0), tmp_path / "c" / "classifier.safetensors")
-    nets.save(fitted(x, y, 1), tmp_path / "extra.safetensors")
+    nets.save(fitted_classifier(x, y, 0), tmp_path / "c" / "classifier.safetensors")
+    nets.save(fitted_classifier(x, y, 1), tmp_path / "extra.safetensors")
     (tmp_path / "e").mkdir()
-    nets.save(fitted(x, y, 2), tmp_path / "e" / "classifier.safetensors")
+    nets.save(fitted_classifier(x, y, 2), tmp_path / "e" / "classifier.safetensors")
     cfg = ObfuscatorConfig(classifier=str(tmp_path / "c"), ensemble=[str(tmp_path / "extra.safetensors"), str(tmp_path / "e")],
                            ensemble_per_step=1, width=4, epochs=1, batch_size=64, subset="first:128",
                            test_subset="random:128")
@@ -103,7 +82,7 @@ def drifted(cifar):
         obf(torch.from_numpy(x[:64]).float() / 255)  # BatchNorm statistics of real images, as after training
         obf.eval()
         z = (torch.round(obf(torch.from_numpy(x).float() / 255) * 255)).to(torch.uint8).numpy()
-    return x, y, obf, deobf, fitted(z, y, 0), fitted(x, y, 1)
+    return x, y, obf, deobf, fitted_classifier(z, y, 0), fitted_classifier(x, y, 1)
 
 
 def test_white_box_resync_moves_o_and_d_only_and_reports_its_steps(drifted):
@@ -160,3 +139,20 @@ def test_drift_monitor_decides_and_logs(tmp_path):
     assert quiet.check(half) is None and quiet.events[0]["resync"] is False
     with pytest.raises(UserError, match="canary_threshold"):
         DriftMonitor(DriftConfig(canary_threshold=1.5))
+
+
+def test_client_state_from_an_obfuscator_run(obfuscator_run, tiny_classifier, tmp_path):
+    """The README's first step: a client folder made from an obfuscator run holds O, D, the classifier O was trained
+    against, the model version and O's lambda (which a re-sync plays at)."""
+    state = ClientState.create(obfuscator_run, tmp_path / "client", model_version="3")
+    assert state.model_version == "3"
+    assert nets.read_metadata(state.path / "obfuscator.safetensors")["lam"] == "1.0"
+    obf, deobf, known = state.networks()
+    for net, path in ((obf, obfuscator_run / "obfuscator.safetensors"), (deobf, obfuscator_run / "deobfuscator.safetensors"),
+                      (known, tiny_classifier / "classifier.safetensors")):
+        saved = nets.load(path)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), saved.state_dict().values()))
+    assert game_lambda(ResyncConfig(), state.path / "obfuscator.safetensors") == 1.0
+    assert game_lambda(ResyncConfig(lam=2.5), state.path / "obfuscator.safetensors") == 2.5
+    with pytest.raises(UserError, match="has no obfuscator.safetensors"):
+        ClientState(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import cli
+from .helpers import cli
 
 SWEEP_ARGS = ("--lams", "0,2", "--subset", "first:64", "--epochs", "1", "--width", "4", "--attack-epochs", "1",
               "--attack-width", "4", "--set", "obfuscator.batch_size=64", "--set", "attack.batch_size=64",

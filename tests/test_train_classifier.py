@@ -1,17 +1,13 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
-from safetensors.torch import load_file
+import pytest
+import torch
 
 from privoffload.config import ClassifierConfig
 from privoffload.train.classifier import train_classifier
-from privoffload.train.common import read_metrics
+from privoffload.runs import read_metrics
 
-from .conftest import ROOT, assert_user_error, run_cli
+from .helpers import assert_user_error, run_cli
 
 SMALL = ["--subset", "first:256", "--width", "8", "--batch-size", "64", "--set", "test_subset=\"random:200\""]
 
@@ -56,26 +52,21 @@ def test_bad_input_gets_one_line(tmp_path):
     assert_user_error(done, "checkpoint.pt is for")
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    # 512 images, so that an epoch lasts long enough (a few tenths of a second) for the kill to land inside one
-    args = ["train-classifier", "--epochs", "3", *SMALL, "--subset", "first:512", "--set", "eval_every=1"]
-    run_cli(*args, "--out", tmp_path / "whole")
+def test_schedule_warms_up_then_decays_to_zero():
+    from privoffload.config import OptimConfig
+    from privoffload.train.loop import make_schedule
 
-    killed = tmp_path / "killed"
-    env = {**os.environ, "PRIVOFFLOAD_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "privoffload", *args, "--out", str(killed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists():  # epoch 1 is done: the kill lands in epoch 2
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.02)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "DONE").exists()
+    def rates(schedule: str, warmup: float) -> list[float]:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = make_schedule(opt, OptimConfig(lr=1.0, schedule=schedule, warmup_epochs=warmup), steps_per_epoch=4, epochs=2)
+        out = []
+        for _ in range(8):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
 
-    run_cli(*args, "--out", killed, "--resume")
-    a, b = load_file(str(tmp_path / "whole" / "classifier.safetensors")), load_file(str(killed / "classifier.safetensors"))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert [r["epoch"] for r in read_metrics(killed)] == [1, 2, 3]
-    assert read_metrics(killed)[-1]["test_accuracy"] == read_metrics(tmp_path / "whole")[-1]["test_accuracy"]
+    assert rates("linear", 0.5) == pytest.approx([0.5, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert rates("constant", 0.0) == [1.0] * 8
+    cosine = rates("cosine", 0.0)
+    assert cosine[0] == 1.0 and cosine[4] == pytest.approx(0.5) and all(a > b for a, b in zip(cosine, cosine[1:]))

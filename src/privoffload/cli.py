@@ -49,17 +49,29 @@ def command(*args, **kwargs):
     return deco
 
 
+# options the trainers share; a value left out keeps the config's (or the default's)
+SubsetOpt = Annotated[Optional[str], typer.Option(help="training images: all | first:N | random:N | range:A:B")]
+EpochsOpt = Annotated[Optional[int], typer.Option()]
+BatchOpt = Annotated[Optional[int], typer.Option()]
+FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")]
+SeedOpt = Annotated[Optional[int], typer.Option()]
+OutOpt = Annotated[Path, typer.Option("--out", help="run folder to write")]
+
+
+def settings(cls: type, config: Path | None, sets: list[str] | None, **options):
+    """A trainer's config: defaults <- --config file <- --set key=value <- the options given (paths as strings)."""
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return config_mod.load(cls, config, sets=sets, overrides=given)
+
+
 @command("train-classifier")
 def train_classifier_cmd(
-    out: Annotated[Path, typer.Option("--out", help="run folder to write")],
-    subset: Annotated[Optional[str], typer.Option(help="all | first:N | random:N | range:A:B")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
+    out: OutOpt, subset: SubsetOpt = None, epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
+    batch_size: BatchOpt = None, flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="classifier run to start from")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -67,26 +79,23 @@ def train_classifier_cmd(
     from .config import ClassifierConfig
     from .train.classifier import train_classifier
 
-    cfg = config_mod.load(ClassifierConfig, config, sets=set_, overrides={
-        "subset": subset, "epochs": epochs, "width": width, "batch_size": batch_size, "flip": flip,
-        "init": str(init) if init else None, "precision": precision, "seed": seed})
-    train_classifier(cfg, out, resume=resume, device=device, data_root=str(data) if data else None)
+    cfg = settings(ClassifierConfig, config, set_, subset=subset, epochs=epochs, width=width, batch_size=batch_size,
+                   flip=flip, init=init, precision=precision, seed=seed)
+    train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
 @command("train-obfuscator")
 def train_obfuscator_cmd(
+    out: OutOpt,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
-    out: Annotated[Path, typer.Option("--out", help="run folder to write")] = ...,
-    subset: Annotated[Optional[str], typer.Option(help="all | first:N | random:N | range:A:B")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
+    subset: SubsetOpt = None, epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="codec width of O and D (32 = Table I)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: BatchOpt = None,
     lam: Annotated[Optional[float], typer.Option("--lam", help="weight of D's reconstruction loss in O's objective")] = None,
     recon_loss: Annotated[Optional[str], typer.Option(help="mse | l1")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip")] = None,
+    flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="obfuscator run whose O and D to continue from")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -94,25 +103,23 @@ def train_obfuscator_cmd(
     from .config import ObfuscatorConfig
     from .train.obfuscator import train_obfuscator
 
-    cfg = config_mod.load(ObfuscatorConfig, config, sets=set_, overrides={
-        "classifier": str(classifier) if classifier else None, "subset": subset, "epochs": epochs, "width": width,
-        "batch_size": batch_size, "lam": lam, "recon_loss": recon_loss, "flip": flip,
-        "init": str(init) if init else None, "precision": precision, "seed": seed})
-    train_obfuscator(cfg, out, resume=resume, device=device, data_root=str(data) if data else None)
+    cfg = settings(ObfuscatorConfig, config, set_, classifier=classifier, subset=subset, epochs=epochs, width=width,
+                   batch_size=batch_size, lam=lam, recon_loss=recon_loss, flip=flip, init=init, precision=precision,
+                   seed=seed)
+    train_obfuscator(cfg, out, resume=resume, device=device, data_root=data)
 
 
 @command("attack")
 def attack_cmd(
+    out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
-    out: Annotated[Path, typer.Option("--out", help="run folder to write")] = ...,
     arch: Annotated[Optional[str], typer.Option(help="codec (Table I layout) | unet")] = None,
     subset: Annotated[Optional[str], typer.Option(help="training images whose originals the attacker knows")] = None,
-    epochs: Annotated[Optional[int], typer.Option()] = None,
+    epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="attacker width")] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: BatchOpt = None,
     recon_loss: Annotated[Optional[str], typer.Option(help="mse | l1")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -120,10 +127,9 @@ def attack_cmd(
     from .config import AttackConfig
     from .privacy.attack import train_attack
 
-    cfg = config_mod.load(AttackConfig, config, sets=set_, overrides={
-        "obfuscator": str(obfuscator) if obfuscator else None, "arch": arch, "subset": subset, "epochs": epochs,
-        "width": width, "batch_size": batch_size, "recon_loss": recon_loss, "precision": precision, "seed": seed})
-    train_attack(cfg, out, resume=resume, device=device, data_root=str(data) if data else None)
+    cfg = settings(AttackConfig, config, set_, obfuscator=obfuscator, arch=arch, subset=subset, epochs=epochs,
+                   width=width, batch_size=batch_size, recon_loss=recon_loss, precision=precision, seed=seed)
+    train_attack(cfg, out, resume=resume, device=device, data_root=data)
 
 
 @command("sweep-lambda")
@@ -143,7 +149,7 @@ def sweep_lambda_cmd(
 ):
     """Train and attack one obfuscator per lambda: the privacy-utility frontier (rerun to continue)."""
     from .config import SweepConfig
-    from .privacy.sweep import sweep_lambda
+    from .experiments.sweep import sweep_lambda
 
     lam_list = None
     if lams is not None:
@@ -151,11 +157,11 @@ def sweep_lambda_cmd(
             lam_list = [float(v) for v in lams.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--lams {lams!r} is not a comma-separated list of numbers, e.g. 0,0.5,1") from None
-    cfg = config_mod.load(SweepConfig, config, sets=set_, overrides={
-        "lams": lam_list, "obfuscator.classifier": str(classifier) if classifier else None,
-        "obfuscator.subset": subset, "attack.subset": subset, "obfuscator.epochs": epochs, "obfuscator.width": width,
-        "attack.arch": attack_arch, "attack.epochs": attack_epochs, "attack.width": attack_width})
-    path = sweep_lambda(cfg, out, device=device, data_root=str(data) if data else None)
+    cfg = settings(SweepConfig, config, set_, **{
+        "lams": lam_list, "obfuscator.classifier": classifier, "obfuscator.subset": subset, "attack.subset": subset,
+        "obfuscator.epochs": epochs, "obfuscator.width": width, "attack.arch": attack_arch,
+        "attack.epochs": attack_epochs, "attack.width": attack_width})
+    path = sweep_lambda(cfg, out, device=device, data_root=data)
     typer.echo(f"frontier: {path} and {path.with_suffix('.png')}")
 
 
@@ -171,7 +177,8 @@ def samples_cmd(
     from .experiments.figures import sample_grid
     from .privacy.samples import sample_rows
 
-    rows = sample_rows(obfuscator, attack_run=attack, n=n, device=device, data_root=str(data) if data else None)
+    rows = sample_rows(obfuscator, attack_runs={"fresh attacker": attack} if attack else None, n=n, device=device,
+                       data_root=data)
     typer.echo(f"wrote {sample_grid(rows, out)}")
 
 
@@ -184,7 +191,7 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfusca
     """Score a run on the whole test set: accuracy; for an obfuscator also privacy (PSNR, SSIM)."""
     from .evaluate import evaluate_run
 
-    result = evaluate_run(run, data_root=str(data) if data else None, device=device, test_subset=subset, seed=seed)
+    result = evaluate_run(run, data_root=data, device=device, test_subset=subset, seed=seed)
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -220,9 +227,8 @@ def serve_cmd(
     from .cloud.app import serve
     from .config import ServeConfig
 
-    cfg = config_mod.load(ServeConfig, config, sets=set_, overrides={
-        "repo": str(repo) if repo else None, "host": host, "port": port, "batch_window_ms": batch_window_ms,
-        "serve_weights": serve_weights, "no_auth": no_auth, "device": device})
+    cfg = settings(ServeConfig, config, set_, repo=repo, host=host, port=port, batch_window_ms=batch_window_ms,
+                   serve_weights=serve_weights, no_auth=no_auth, device=device)
     serve(cfg)
 
 
@@ -275,7 +281,7 @@ def reproduce_cmd(
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_)
-    report = reproduce(cfg, out, data_root=str(data) if data else None, device=device)
+    report = reproduce(cfg, out, data_root=data, device=device)
     typer.echo(f"report: {report}")
 
 
@@ -286,7 +292,7 @@ def plot_cmd(run: Annotated[Path, typer.Argument(help="a protocol folder made by
 
     if not run.is_dir():
         raise UserError(f"{run} is not a folder; give the --out of a reproduce run")
-    typer.echo(f"report: {write_report(run, data_root=str(data) if data else None)}")
+    typer.echo(f"report: {write_report(run, data_root=data)}")
 
 
 def main() -> None:

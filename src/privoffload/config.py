@@ -3,6 +3,14 @@
 Every trainer takes one of these dataclasses and saves it, resolved, as `config.toml` beside its
 outputs, so a run folder always says how it was made. Unknown keys and values of the wrong type
 are errors, never silently ignored.
+
+Settings that are not part of a run (they change where or how loudly it runs, never what it computes)
+come from the environment instead:
+
+    PRIVOFFLOAD_DATA        folder holding cifar-10-batches-bin or -py (default: .cache/data in the checkout)
+    PRIVOFFLOAD_SHARED      the shared folder whose data/prepare_cifar10.py builds that cache (default: ../shared)
+    PRIVOFFLOAD_PROGRESS    0 turns the progress bar off on a terminal (per-epoch lines stay)
+    PRIVOFFLOAD_TOKEN, PRIVOFFLOAD_ADMIN_TOKEN   the service's bearer tokens (docs/service.md)
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 
 import tomli_w
 
+from .data import parse_subset
 from .errors import UserError
 
 
@@ -40,30 +49,39 @@ class OptimConfig:
 
 
 @dataclass
-class ClassifierConfig:
+class TrainConfig:
+    """What every trainer shares: how long, on which images, scored on which, how often, from which seed, how fast."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    subset: str = "first:20000"  # training images: all | first:N | random:N | range:A:B
+    flip: bool = False  # random horizontal flips
+    test_subset: str = "all"  # test images every score is computed on
+    eval_every: int = 5  # epochs between test evaluations (the last epoch is always evaluated)
+    seed: int = 0  # initialisation, order and flips (and the draw of a random:N subset)
+    precision: str = "auto"  # auto (bf16 where it is fast: CUDA, CPUs with AVX512-BF16/AMX) | bf16 | fp32
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every"):
+            _positive(name, getattr(self, name))
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.subset)
+        _subset(self.test_subset)
+
+
+@dataclass
+class ClassifierConfig(TrainConfig):
     """Training of the cloud classifier C (a CIFAR ResNet18)."""
 
-    width: int = 64  # channels of the first stage; 64 is the real ResNet18
     epochs: int = 50
-    batch_size: int = 128
-    subset: str = "first:20000"  # all | first:N | random:N | range:A:B
-    flip: bool = False  # random horizontal flips
-    test_subset: str = "all"
+    width: int = 64  # channels of the first stage; 64 is the real ResNet18
     init: str = ""  # run folder whose classifier weights to start from ("" = random init)
-    eval_every: int = 5  # epochs between test evaluations (the last epoch is always evaluated)
-    seed: int = 0
-    precision: str = "auto"  # auto | bf16 | fp32
-    channels_last: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
-        for name in ("width", "epochs", "batch_size", "eval_every"):
-            _positive(name, getattr(self, name))
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        from .data import parse_subset
-
-        parse_subset(self.subset)
-        parse_subset(self.test_subset)
+        super().validate()
+        _positive("width", self.width)
         self.optim.validate("optim")
 
 
@@ -73,19 +91,16 @@ def _adam(lr: float) -> OptimConfig:
 
 
 @dataclass
-class ObfuscatorConfig:
+class ObfuscatorConfig(TrainConfig):
     """Training of the obfuscator O and its co-trained deobfuscator D against a frozen classifier C.
 
     O minimises CE(C(O(x)), y) - lam * R(D(O(x)), x); D minimises R(D(O(x)), x).
     """
 
-    classifier: str = ""  # run folder holding classifier.safetensors (C, kept frozen)
-    width: int = 32  # codec width of O and D; 32 is Table I
     epochs: int = 100
     batch_size: int = 64
-    subset: str = "first:20000"
-    flip: bool = False
-    test_subset: str = "all"
+    classifier: str = ""  # run folder holding classifier.safetensors (C, kept frozen)
+    width: int = 32  # codec width of O and D; 32 is Table I
     lam: float = 4.0  # weight of D's reconstruction loss in O's objective (chosen by a sweep, docs/method-decisions.md)
     recon_loss: str = "mse"  # mse | l1: R, the reconstruction loss
     init: str = ""  # obfuscator run folder whose O and D to continue from ("" = random init)
@@ -93,18 +108,14 @@ class ObfuscatorConfig:
     ensemble: list[str] = field(default_factory=list)  # classifier run folders or .safetensors files
     ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
     ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
-    eval_every: int = 5
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
-    channels_last: bool = True
     optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
     def validate(self) -> None:
         if not self.classifier:
             raise UserError("config: classifier is required: the run folder of the classifier to obfuscate for (--classifier RUN)")
-        for name in ("width", "epochs", "batch_size", "eval_every"):
-            _positive(name, getattr(self, name))
+        super().validate()
+        _positive("width", self.width)
         if not self.lam >= 0:
             raise UserError(f"config: lam = {self.lam!r} must be >= 0")
         if not self.ensemble_weight >= 0:
@@ -113,53 +124,35 @@ class ObfuscatorConfig:
             raise UserError(f"config: ensemble_per_step = {self.ensemble_per_step} must be between 0 (all) and "
                             f"the {len(self.ensemble)} ensemble classifiers")
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        from .data import parse_subset
-
-        parse_subset(self.subset)
-        parse_subset(self.test_subset)
         self.optim_o.validate("optim_o")
         self.optim_d.validate("optim_d")
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(TrainConfig):
     """A fresh deobfuscator trained on (quantised O(x), x) pairs with O frozen: the privacy number that counts."""
 
+    epochs: int = 20
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
     arch: str = "unet"  # unet (the stronger decoder, skip connections) | codec (the Table I layout)
     width: int = 32
-    epochs: int = 20
-    batch_size: int = 128
-    subset: str = "first:20000"  # training images whose originals the attacker knows
-    flip: bool = False
-    test_subset: str = "all"
     recon_loss: str = "mse"  # mse | l1
-    eval_every: int = 5
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 where use_bf16 finds it fast) | bf16 | fp32
-    channels_last: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0,
                                                                    schedule="cosine", warmup_epochs=0.0))
 
     def validate(self) -> None:
         if not self.obfuscator:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
-        for name in ("width", "epochs", "batch_size", "eval_every"):
-            _positive(name, getattr(self, name))
+        super().validate()
+        _positive("width", self.width)
         _choice("arch", self.arch, ("codec", "unet"))
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        from .data import parse_subset
-
-        parse_subset(self.subset)
-        parse_subset(self.test_subset)
         self.optim.validate("optim")
 
 
 @dataclass
 class ResyncConfig:
-    """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (client/resync.py).
+    """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (train/resync.py).
 
     White-box (the cloud publishes the new weights): `steps` steps of the game against them. Black-box (only
     the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images, distilling
@@ -169,7 +162,7 @@ class ResyncConfig:
     mode: str = "auto"  # auto (white-box where the server publishes weights, else black-box) | white-box | black-box
     steps: int = 200  # steps of O and D, either mode
     batch_size: int = 64
-    lam: float = 1.0  # the game's lambda; keep the obfuscator's own
+    lam: float = -1.0  # the game's lambda; < 0: the lambda O was trained with (its weights' metadata)
     flip: bool = True
     max_queries: int = 4096  # black-box: images uploaded to the API, at most
     rounds: int = 4  # black-box: query rounds
@@ -188,15 +181,13 @@ class ResyncConfig:
         _choice("mode", self.mode, ("auto", "white-box", "black-box"))
         for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
             _positive(name, getattr(self, name))
-        if self.surrogate_steps < 0 or not self.lam >= 0:
-            raise UserError("config: surrogate_steps and lam must be >= 0")
+        if self.surrogate_steps < 0:
+            raise UserError("config: surrogate_steps must be >= 0")
         if self.max_queries < self.rounds:
             raise UserError(f"config: max_queries = {self.max_queries} leaves no query for each of {self.rounds} rounds")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        from .data import parse_subset
-
-        parse_subset(self.subset)
-        parse_subset(self.test_subset)
+        _subset(self.subset)
+        _subset(self.test_subset)
         for name in ("optim_o", "optim_d", "optim_surrogate"):
             getattr(self, name).validate(name)
 
@@ -234,6 +225,41 @@ class SweepConfig:
         dataclasses.replace(self.attack, obfuscator="(each obfuscator of the sweep)").validate()
 
 
+@dataclass
+class RobustConfig:
+    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
+
+    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
+    extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
+        epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
+    weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
+    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
+    fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
+    epochs: int = 0  # 0 = the baseline obfuscator's epochs
+    lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
+    attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
+
+
+PROFILES = ("smoke", "quick", "paper")
+
+
+@dataclass
+class ProtocolConfig:
+    """A whole reproduction (experiments/protocol.py). Each stage's `classifier`/`init`/`obfuscator` links are filled in there."""
+
+    profile: str = "paper"
+    baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
+    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="all", flip=True))
+    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="all", flip=True))
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
+
+    def validate(self) -> None:
+        _choice("profile", self.profile, PROFILES)
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise UserError(f"config: {name} = {value!r} is not one of {', '.join(allowed)}")
@@ -242,6 +268,11 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise UserError(f"config: {name} = {value!r} must be > 0")
+
+
+def _subset(spec: str) -> None:
+    """A subset spec is checked before any data is read."""
+    parse_subset(spec)
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -183,9 +183,20 @@ def subset_indices(spec: str, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=a, replace=False))
 
 
-def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mirror a random half of the batch left-right, in one vectorised op."""
-    return mirror(x, torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5)
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the uint8 pixels that are uploaded (rounded, clipped): the wire format of O(x)."""
+    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+
+
+def quantize8(x: torch.Tensor) -> torch.Tensor:
+    """What the cloud really receives, back as floats in [0, 1]: the image rounded to 8-bit pixels.
+
+    Where gradients flow it is the identity's gradient (straight-through), so that attacks and training can
+    optimise through the rounding; the values are the rounded ones either way.
+    """
+    x = x.clamp(0, 1)
+    q = torch.round(x * 255) / 255
+    return x + (q - x).detach() if x.requires_grad else q
 
 
 def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

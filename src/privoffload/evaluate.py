@@ -10,20 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import config as config_mod
-from . import nets
 from .config import AttackConfig, ObfuscatorConfig
 from .data import DeviceData, load_cifar10, parse_subset, select
 from .errors import UserError
-from .metrics import accuracy
-from .train.common import frozen, pick_device, use_bf16
+from .metrics import accuracy, obfuscation_scores, reconstruction_quality
+from .runs import load_attacker, load_classifier, load_codec
+from .runtime import frozen, pick_device, use_bf16
 
 
-def evaluate_run(run: str | Path, data_root: str | None = None, device: str = "auto", precision: str = "auto",
+def evaluate_run(run: str | Path, data_root: str | Path | None = None, device: str = "auto", precision: str = "auto",
                  test_subset: str = "all", seed: int = 0) -> dict:
     """Scores of the networks in `run` on the test images `test_subset` (`select` with `seed`)."""
-    from .privacy.metrics import obfuscation_metrics, reconstruction_quality
-    from .train.obfuscator import load_classifier, load_obfuscator, run_weights
-
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"{run} is not a run folder")
@@ -33,20 +30,20 @@ def evaluate_run(run: str | Path, data_root: str | None = None, device: str = "a
     kind = next((k for k in ("attacker", "obfuscator", "classifier") if (run / f"{k}.safetensors").exists()), None)
     if kind is None:
         raise UserError(f"{run} holds no classifier, obfuscator or attacker weights; is it a run that finished an epoch?")
-    data = load_cifar10(data_root)
-    test = DeviceData(*select(data, test_subset, seed, split="test"), dev)
+    test = DeviceData(*select(load_cifar10(data_root), test_subset, seed, split="test"), dev)
     result: dict = {"run": str(run), "kind": kind}
     if kind == "classifier":
-        model = nets.load(run / "classifier.safetensors", expect="resnet18", device=dev)
-        result["test_accuracy"] = accuracy(model, test, bf16=bf16)
+        result["test_accuracy"] = accuracy(frozen(load_classifier(run, dev)), test, bf16=bf16)
     elif kind == "obfuscator":
         cfg = config_mod.load(ObfuscatorConfig, run / "config.toml")
-        result.update(obfuscation_metrics(frozen(load_classifier(cfg.classifier, dev)), frozen(load_obfuscator(run, dev)),
-                                          frozen(load_obfuscator(run, dev, name="deobfuscator")), test, bf16=bf16))
+        classifier = frozen(load_classifier(cfg.classifier, dev))
+        result["test_accuracy"] = accuracy(classifier, test, bf16=bf16)
+        result.update(obfuscation_scores(classifier, frozen(load_codec(run, device=dev)), test,
+                                         deobf=frozen(load_codec(run, "deobfuscator", device=dev)), bf16=bf16))
     else:
         cfg = config_mod.load(AttackConfig, run / "config.toml")
-        attacker = frozen(nets.load(run_weights(run, "attacker.safetensors", "attack"), device=dev))
-        psnr, ssim = reconstruction_quality(attacker, frozen(load_obfuscator(cfg.obfuscator, dev)), test, bf16=bf16)
+        psnr, ssim = reconstruction_quality(frozen(load_attacker(run, dev)), frozen(load_codec(cfg.obfuscator, device=dev)),
+                                            test, bf16=bf16)
         result.update(attacker_psnr_db=psnr, attacker_ssim=ssim)
     result["images"] = len(test)
     return result

@@ -1,45 +1,113 @@
-"""Evaluation on held-out images: accuracy of a classifier, on clean or transformed images.
+"""Scores on held-out images: accuracy of a classifier on clean or obfuscated images, and how well an
+adversary rebuilds x from the upload (PSNR, SSIM). Every score is computed in one pass over the data.
 
-Privacy metrics (PSNR, SSIM, attacks) live in `privoffload.privacy`.
+The upload is the 8-bit quantised O(x) (`data.quantize8`), so that is what deobfuscators are scored on.
+PSNR (dB, data range 1) and SSIM (Gaussian 11x11, sigma 1.5) come from torchmetrics, per image, then
+averaged over the images: lower means more private. Under DDP each rank scores its stride of the images
+and the sums are reduced.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from .data import DeviceData
-from .train.common import Dist, autocast
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
+from .data import DeviceData, quantize8
+from .runtime import Dist, autocast
 
 
-def quantize8(x: torch.Tensor) -> torch.Tensor:
-    """What is really uploaded: the image rounded to 8-bit pixels."""
-    return torch.round(x.clamp(0, 1) * 255) / 255
+def psnr_ssim(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image PSNR (dB) and SSIM of reconstructions `rec` against originals `x`, both in [0, 1], in fp32."""
+    rec, x = rec.float().clamp(0, 1), x.float()
+    psnr = peak_signal_noise_ratio(rec, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(rec, x, data_range=1.0, reduction="none")
+    return psnr, ssim
+
+
+class _Sums:
+    """Running sums of per-batch scores, reduced over ranks once at the end."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names, self.values = names, torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+
+    def add(self, n: int, **scores: torch.Tensor) -> None:
+        self.values += torch.stack([*(scores[k].double().sum() for k in self.names),
+                                    torch.tensor(float(n), dtype=torch.float64, device=self.values.device)])
+
+    def means(self, dist: Dist) -> dict[str, float]:
+        *totals, n = dist.sum(self.values).tolist()
+        return {k: t / max(n, 1.0) for k, t in zip(self.names, totals)}
+
+
+class _EvalMode:
+    """Networks in eval mode for the block, each put back as it was."""
+
+    def __init__(self, *nets: nn.Module | None):
+        self.nets = [n for n in nets if n is not None]
+
+    def __enter__(self):
+        self.modes = [n.training for n in self.nets]
+        for n in self.nets:
+            n.eval()
+
+    def __exit__(self, *exc):
+        for n, mode in zip(self.nets, self.modes):
+            n.train(mode)
 
 
 @torch.no_grad()
-def accuracy(classifier: nn.Module, data: DeviceData, *, transform: Transform | None = None, quantize: bool = False,
-             bf16: bool = False, batch_size: int = 1000, dist: Dist = Dist(), channels_last: bool = False) -> float:
-    """Top-1 accuracy of `classifier` on `transform(x)` (e.g. an obfuscator), optionally 8-bit quantised.
+def accuracy(classifier: nn.Module, data: DeviceData, *, bf16: bool = False, batch_size: int = 1000,
+             dist: Dist = Dist()) -> float:
+    """Top-1 accuracy of `classifier` on the clean images of `data`."""
+    sums = _Sums(("correct",), data.device)
+    with _EvalMode(classifier):
+        for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                sums.add(len(yb), correct=classifier(xb).argmax(1) == yb)
+    return sums.means(dist)["correct"]
 
-    Under DDP each rank scores its stride of the images and the counts are summed.
+
+@torch.no_grad()
+def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, *, deobf: nn.Module | None = None,
+                       bf16: bool = False, batch_size: int = 500, dist: Dist = Dist()) -> dict[str, float]:
+    """Utility and privacy of an obfuscator side by side, with O run once per image.
+
+    `obfuscated_accuracy` (C on O(x)), `quantized_obfuscated_accuracy` (C on the 8-bit upload, what the cloud
+    sees) and, given a deobfuscator, its `deobfuscator_psnr_db` / `deobfuscator_ssim` on the upload.
     """
-    was_training = classifier.training
-    classifier.eval()
-    correct = torch.zeros((), dtype=torch.long, device=data.device)
-    seen = torch.zeros((), dtype=torch.long, device=data.device)
-    for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world, channels_last=channels_last):
-        with autocast(data.device, bf16):
-            if transform is not None:
-                xb = transform(xb).float()
-            if quantize:
-                xb = quantize8(xb)
-            logits = classifier(xb)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(yb)
-    classifier.train(was_training)
-    return (dist.sum(correct).item()) / max(1, dist.sum(seen).item())
+    names = ("obfuscated", "quantized") + (("psnr", "ssim") if deobf is not None else ())
+    sums = _Sums(names, data.device)
+    with _EvalMode(classifier, obf, deobf):
+        for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                z = obf(xb).float()
+                upload = quantize8(z)
+                scores = {"obfuscated": classifier(z).argmax(1) == yb, "quantized": classifier(upload).argmax(1) == yb}
+                rec = deobf(upload) if deobf is not None else None
+            if rec is not None:  # scored in fp32, outside autocast
+                scores["psnr"], scores["ssim"] = psnr_ssim(rec, xb)
+            sums.add(len(yb), **scores)
+    m = sums.means(dist)
+    out = {"obfuscated_accuracy": m["obfuscated"], "quantized_obfuscated_accuracy": m["quantized"]}
+    if deobf is not None:
+        out.update(deobfuscator_psnr_db=m["psnr"], deobfuscator_ssim=m["ssim"])
+    return out
+
+
+@torch.no_grad()
+def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *, bf16: bool = False,
+                           batch_size: int = 500, dist: Dist = Dist()) -> tuple[float, float]:
+    """Mean per-image (PSNR in dB, SSIM) of deobf(quantize8(obf(x))) against x over `data`.
+
+    `bf16` is the precision of the two networks' forward passes; the scores are computed in fp32.
+    """
+    sums = _Sums(("psnr", "ssim"), data.device)
+    with _EvalMode(obf, deobf):
+        for xb, _ in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                rec = deobf(quantize8(obf(xb).float()))
+            psnr, ssim = psnr_ssim(rec, xb)
+            sums.add(len(xb), psnr=psnr, ssim=ssim)
+    m = sums.means(dist)
+    return m["psnr"], m["ssim"]

@@ -7,14 +7,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 import uvicorn
 
 from privoffload.cloud.app import create_app
 from privoffload.cloud.auth import Tokens
 from privoffload.cloud.repository import Repository
 from privoffload.config import ServeConfig
+
+from ..helpers import calibrated, fit_head  # noqa: F401  (re-exported for the service tests)
 
 TOKEN = "inference-token-for-tests"
 ADMIN = "admin-token-for-the-tests"
@@ -23,34 +23,6 @@ MODEL = "cifar10-resnet18"
 
 def auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def calibrated(net: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
-    """An untrained network whose BatchNorm statistics are measured on real images (no weight updates):
-    random but input-dependent outputs, unlike a fresh network whose BatchNorms flatten everything."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(torch.from_numpy(images).float() / 255)
-    return net.eval()
-
-
-def fit_head(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
-    """Fit the classifier's last layer by ridge regression on its features of `images` (a linear probe):
-    a few seconds instead of a training run, and predictions that differ from image to image."""
-    fc, net.fc = net.fc, torch.nn.Identity()
-    with torch.no_grad():
-        feats = net(torch.from_numpy(images).float() / 255).double()
-        feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64)], 1)
-        target = torch.nn.functional.one_hot(torch.from_numpy(labels), 10).double()
-        w = torch.linalg.solve(feats.T @ feats + 1e-3 * torch.eye(feats.shape[1], dtype=torch.float64), feats.T @ target)
-        fc.weight.copy_(w[:-1].T.float())
-        fc.bias.copy_(w[-1].float())
-    net.fc = fc
-    return net
 
 
 def make_repo(root: Path, files: list[Path]) -> Repository:

@@ -9,12 +9,6 @@ import torch
 
 from .cloud_helpers import calibrated, fit_head, make_repo, serve
 from privoffload import nets
-from privoffload.data import load_cifar10
-
-
-@pytest.fixture(scope="session")
-def cifar():
-    return load_cifar10()
 
 
 @pytest.fixture(scope="session")

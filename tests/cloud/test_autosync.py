@@ -23,7 +23,7 @@ from privoffload.config import DriftConfig, ResyncConfig
 def client_folder(path, weights, cifar) -> None:
     """The client's folder: O (synced to version 1, the 'fitted' classifier), a D, and that classifier."""
     path.mkdir()
-    nets.save(nets.load(weights["obfuscator"]), path / "obfuscator.safetensors", model_version="1")
+    nets.save(nets.load(weights["obfuscator"]), path / "obfuscator.safetensors", model_version="1", lam="1.0")
     torch.manual_seed(5)
     nets.save(calibrated(nets.codec(8), cifar.x_train[:64]), path / "deobfuscator.safetensors")
     nets.save(nets.load(weights["fitted"]), path / "classifier.safetensors")

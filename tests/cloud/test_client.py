@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from ..helpers import free_port
 from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
 from privoffload import nets, oip
 from privoffload.cli import app as cli
@@ -25,7 +26,7 @@ from privoffload.client import (AuthError, BadServer, Client, RequestRejected, S
                                 quantize)
 from privoffload.data import DeviceData
 from privoffload.errors import UserError
-from privoffload.metrics import accuracy
+from privoffload.metrics import obfuscation_scores
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,11 @@ def repo(tmp_path_factory, weights):
 
 
 def test_accuracy_over_http_equals_offline_evaluation(tmp_path, weights, cifar):
-    """200 test images: the client (obfuscate, 8-bit, HTTP, micro-batched server) against metrics.accuracy."""
+    """200 test images: the client (obfuscate, 8-bit, HTTP, micro-batched server) against metrics.obfuscation_scores."""
     x, y = cifar.x_test[:200], cifar.y_test[:200]
     obfuscator = nets.load(weights["obfuscator"], expect="codec").eval()
     classifier = nets.load(weights["fitted"], expect="resnet18").eval()
-    offline = accuracy(classifier, DeviceData(x, y), transform=obfuscator, quantize=True)
+    offline = obfuscation_scores(classifier, obfuscator, DeviceData(x, y))["quantized_obfuscated_accuracy"]
     repo = make_repo(tmp_path / "repo", [weights["fitted"]])
     # the eager path, so that the comparison is exact; the default fast path is bounded in test_fast_obfuscator
     eager = load_obfuscator(weights["obfuscator"], backend="eager")
@@ -106,12 +107,6 @@ def test_version_hook_is_called_when_the_cloud_changes_its_model(repo, weights, 
                                        on_version_change=lambda old, new: seen.append((old, new))) as client:
         client.classify(cifar.x_test[:1])  # a client that knows the version its obfuscator was made for
         assert seen[-1] == ("7", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_errors_are_typed_and_one_line(repo, weights, cifar):

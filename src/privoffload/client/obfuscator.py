@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import nets
+from ..data import to_pixels
 from ..errors import UserError
 
 Obfuscate = Callable[[np.ndarray], np.ndarray]
@@ -69,5 +70,5 @@ def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256
 
 
 def quantize(obfuscated: np.ndarray) -> np.ndarray:
-    """O(x) as the 8-bit pixels that are uploaded (the same rounding as `metrics.quantize8`)."""
-    return np.rint(np.clip(obfuscated, 0, 1) * 255).astype(np.uint8)
+    """O(x) as the 8-bit pixels that are uploaded (`data.to_pixels`, the rounding every score uses)."""
+    return to_pixels(torch.from_numpy(np.asarray(obfuscated, dtype=np.float32))).numpy()

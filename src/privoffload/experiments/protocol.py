@@ -20,11 +20,10 @@ saved config still matches), and the interrupted stage resumes from its checkpoi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -33,41 +32,17 @@ import torch
 
 from .. import config as config_mod
 from .. import nets
-from ..config import AttackConfig, ClassifierConfig, ObfuscatorConfig, ResyncConfig
+from ..config import PROFILES, AttackConfig, ClassifierConfig, ObfuscatorConfig, ProtocolConfig, ResyncConfig
 from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
-from ..train.common import RunDir, atomic_write_bytes, is_done, pick_device, use_bf16
-
-PROFILES = ("smoke", "quick", "paper")
-
-
-@dataclass
-class RobustConfig:
-    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
-
-    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
-    extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
-        epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
-    weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
-    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
-    fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
-    epochs: int = 0  # 0 = the baseline obfuscator's epochs
-    lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
-    attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
-
-
-@dataclass
-class ProtocolConfig:
-    """A whole reproduction. Each stage's `classifier`/`init`/`obfuscator` links are filled in here."""
-
-    profile: str = "paper"
-    baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
-    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="all", flip=True))
-    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="all", flip=True))
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    robust: RobustConfig = field(default_factory=RobustConfig)
-    resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
+from ..metrics import obfuscation_scores
+from ..privacy.attack import train_attack
+from ..runs import RunDir, is_done, load_classifier, load_codec
+from ..runtime import atomic_write_text, frozen, pick_device, use_bf16
+from ..train.classifier import train_classifier
+from ..train.obfuscator import train_obfuscator
+from ..train.resync import Budget, black_box, game_lambda, local_api, white_box
+from .report import write_report
 
 
 def profile_path(name: str) -> Path:
@@ -115,14 +90,8 @@ def stage_configs(cfg: ProtocolConfig, out: Path) -> dict[str, Any]:
     return stages
 
 
-def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | None = None, device: str = "auto",
-              only: str | None = None) -> Path:
+def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | Path | None = None, device: str = "auto") -> Path:
     """Run (or continue) every stage, then draw the figures and write report.md. Returns the report's path."""
-    from ..privacy.attack import train_attack
-    from ..train.classifier import train_classifier
-    from ..train.obfuscator import train_obfuscator
-    from .report import write_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.toml"
@@ -130,14 +99,14 @@ def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | None = N
     if saved.exists() and saved.read_text() != text:
         raise UserError(f"{out} was made with another protocol config (see {saved}); "
                         "give the same --profile and --set options, or choose a new --out")
-    atomic_write_bytes(saved, text.encode())
+    atomic_write_text(saved, text)
     stages = stage_configs(cfg, out)
     data = load_cifar10(data_root)
-    atomic_write_bytes(out / "data.txt", data.source.encode())
+    atomic_write_text(out / "data.txt", data.source)
 
     def drift_probes() -> dict[str, Any]:
         probes = {"O0": "o0", "robust": "robust"}
-        return {k: nets.load(out / v / "obfuscator.safetensors", expect="codec") for k, v in probes.items() if v in stages}
+        return {k: load_codec(out / v) for k, v in probes.items() if v in stages}
 
     # each stage's config type says which trainer runs it; drift also measures the obfuscators made so far
     trainers = {ClassifierConfig: train_classifier, ObfuscatorConfig: train_obfuscator, AttackConfig: train_attack,
@@ -154,9 +123,7 @@ def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | None = N
         run()
         if not was_done:
             add_wall_time(out, name, time.perf_counter() - t0)
-        if only == name:
-            break
-    return write_report(out)
+    return write_report(out, data=data)
 
 
 def add_wall_time(out: Path, stage: str, seconds: float) -> None:
@@ -164,11 +131,7 @@ def add_wall_time(out: Path, stage: str, seconds: float) -> None:
     path = out / "timings.json"
     times = json.loads(path.read_text()) if path.exists() else {}
     times[stage] = times.get(stage, 0.0) + seconds
-    atomic_write_bytes(path, json.dumps(times, indent=1).encode())
-
-
-def as_dict(cfg: ProtocolConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    atomic_write_text(path, json.dumps(times, indent=1))
 
 
 def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool = True, data: Cifar10 | None = None,
@@ -178,12 +141,6 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
 
     A re-sync is short: an interrupted one starts over; a finished one (DONE) is kept.
     """
-    from ..client.resync import Budget, black_box, local_api, white_box
-    from ..metrics import accuracy
-    from ..privacy.metrics import obfuscation_metrics
-    from ..train.common import frozen
-    from ..train.obfuscator import load_classifier, load_obfuscator
-
     run = RunDir(out)
     run.start(cfg, resume)
     if is_done(out):
@@ -193,7 +150,8 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
     data = data or load_cifar10()
     train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
     test = DeviceData(*select(data, cfg.test_subset, cfg.seed, split="test"), dev)
-    obf, deobf = load_obfuscator(protocol / "o0", dev), load_obfuscator(protocol / "o0", dev, name="deobfuscator")
+    obf, deobf = load_codec(protocol / "o0", device=dev), load_codec(protocol / "o0", "deobfuscator", device=dev)
+    cfg = replace(cfg, lam=game_lambda(cfg, protocol / "o0" / "obfuscator.safetensors"))
     new = frozen(load_classifier(protocol / "drift", dev))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -204,10 +162,7 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
         """Obfuscated accuracy on the real new C; at the end also the 8-bit accuracy and D's PSNR/SSIM."""
         t1 = time.perf_counter()
         record = {"stage": out.name, "step": step, "queries": queries}
-        if step == cfg.steps:
-            record.update(obfuscation_metrics(new, obf, deobf, test, bf16=bf16))
-        else:
-            record["obfuscated_accuracy"] = accuracy(new, test, transform=obf.eval(), bf16=bf16)
+        record.update(obfuscation_scores(new, obf, test, deobf=deobf if step == cfg.steps else None, bf16=bf16))
         record["eval_time_s"] = time.perf_counter() - t1
         record["time_s"] = t1 - t0
         run.log(record)
@@ -218,7 +173,7 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
     else:
         api = Budget(local_api(new, dev), cfg.max_queries)
         black_box(obf, deobf, api, train, cfg, load_classifier(protocol / "c0", dev), on_eval=evaluate)
-    nets.save(deobf, out / "deobfuscator.safetensors", mode=cfg.mode)
-    nets.save(obf, out / "obfuscator.safetensors", mode=cfg.mode)
+    nets.save(deobf, out / "deobfuscator.safetensors", mode=cfg.mode, lam=repr(cfg.lam))
+    nets.save(obf, out / "obfuscator.safetensors", mode=cfg.mode, lam=repr(cfg.lam))
     run.finish()
     return out / "obfuscator.safetensors"

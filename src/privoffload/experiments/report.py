@@ -13,21 +13,18 @@ from typing import Any
 
 import torch
 
-from .. import nets
-from ..data import load_cifar10
+from ..data import Cifar10
 from ..errors import UserError
-from ..train.common import atomic_write_bytes, read_metrics
+from ..privacy.samples import sample_rows
+from ..runs import last_record as last
+from ..runs import read_metrics
+from ..runtime import atomic_write_text
 from . import figures
 
 STAGES = ("c0", "o0", "drift", "recovery", "attack", "robust", "attack-o0", "attack-robust", "whitebox", "blackbox")
 PAPER = {  # the paper's figures, in %
     "c0": 70.82, "o0": 40.68, "drift_final": 81.53, "o0_drift10": 20.52, "recovery_final": 73.0,
 }
-
-
-def last(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The last record that carries `key`."""
-    return next((r for r in reversed(records) if key in r), None)
 
 
 def collect(out: Path) -> dict[str, Any]:
@@ -104,19 +101,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def draw_figures(out: Path, numbers: dict[str, Any], data_root: str | None = None) -> list[Path]:
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
+
+
+def draw_figures(out: Path, numbers: dict[str, Any], data: Cifar10 | None = None,
+                 data_root: str | Path | None = None) -> list[Path]:
     m = numbers["metrics"]
     paths = []
     if (out / "recovery" / "obfuscator.safetensors").exists():
-        data = load_cifar10(data_root)
-        x = torch.from_numpy(data.x_test[::1000][:8]).float() / 255  # one image of each of 8 classes
-        rows = {"original": x}
-        with torch.no_grad():
-            obf = nets.load(out / "recovery" / "obfuscator.safetensors", expect="codec").eval()
-            rows["obfuscated"] = obf(x)
-            rows["reconstructed (co-trained D)"] = nets.load(out / "recovery" / "deobfuscator.safetensors").eval()(rows["obfuscated"])
-            if (out / "attack" / "attacker.safetensors").exists():
-                rows["reconstructed (fresh attacker)"] = nets.load(out / "attack" / "attacker.safetensors").eval()(rows["obfuscated"])
+        attacks = {"fresh attacker": out / "attack"} if (out / "attack" / "attacker.safetensors").exists() else {}
+        rows = sample_rows(out / "recovery", attack_runs=attacks, data=data, data_root=data_root, device="cpu")
         paths.append(figures.sample_grid(rows, out / "fig4_samples.png"))
     bars = {
         "classifier C0": (last(m["c0"], "test_accuracy") or {}).get("test_accuracy"),
@@ -136,10 +131,11 @@ def draw_figures(out: Path, numbers: dict[str, Any], data_root: str | None = Non
     return paths
 
 
-def write_report(out: str | Path, data_root: str | None = None) -> Path:
+def write_report(out: str | Path, data_root: str | Path | None = None, data: Cifar10 | None = None) -> Path:
+    """Draw the figures and write report.md of a protocol folder from its logs (and, for Fig. 4, its final networks)."""
     out = Path(out)
     numbers = collect(out)
-    draw_figures(out, numbers, data_root)
+    draw_figures(out, numbers, data, data_root)
     m = numbers["metrics"]
     drift = numbers["drift"]
     after10 = next(((e, o) for e, _, o in drift if e >= 10), drift[-1][::2] if drift else None)
@@ -190,7 +186,7 @@ def write_report(out: str | Path, data_root: str | None = None) -> Path:
     lines += ["", "Figures: fig4_samples.png, fig5_accuracy.png, fig6_drift.png, fig7_recovery.png"
               + (", fig8_resync.png." if numbers["resync"]["whitebox"] else ".")]
     path = out / "report.md"
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -210,14 +206,13 @@ def beyond_lines(numbers: dict[str, Any]) -> list[str]:
             psnr = f"{r['psnr'][i]:.2f}" if "psnr" in r else "–"
             lines.append(f"| {label} | {pct(d['start'])} | {pct(d['end'])} | {100 * d['drop']:.1f} % | "
                          f"{100 * d['mean_drop']:.1f} % | {100 * d['worst_drop']:.1f} % | {psnr} |")
-        verdict = {k: "met" if r[f"{k}_ratio"] <= 1 / 3 else "missed" for k in ("drop", "mean_drop", "worst_drop")}
+        met = {k: verdict(r[f"{k}_ratio"] <= 1 / 3) for k in ("drop", "mean_drop", "worst_drop")}
         lines += ["", f"- Robust drop / plain drop (target at most 0.33): after the drift {r['drop_ratio']:.2f} "
-                  f"({verdict['drop']}), mean over the drift {r['mean_drop_ratio']:.2f} ({verdict['mean_drop']}), "
-                  f"worst {r['worst_drop_ratio']:.2f} ({verdict['worst_drop']})."]
+                  f"({met['drop']}), mean over the drift {r['mean_drop_ratio']:.2f} ({met['mean_drop']}), "
+                  f"worst {r['worst_drop_ratio']:.2f} ({met['worst_drop']})."]
         if "psnr_gap" in r:
-            within = "within" if r["psnr_gap"] <= 0.5 else "NOT within"
             lines.append(f"- Privacy: fresh-attacker PSNR {r['psnr'][0]:.2f} dB (O0) vs {r['psnr'][1]:.2f} dB (robust), "
-                         f"gap {r['psnr_gap']:.2f} dB: {within} 0.5 dB.")
+                         f"gap {r['psnr_gap']:.2f} dB (target at most 0.5 dB: {verdict(r['psnr_gap'] <= 0.5)}).")
     s = resync_summary(numbers)
     if s:
         wb, bb = s["whitebox"], s["blackbox"]
@@ -231,8 +226,7 @@ def beyond_lines(numbers: dict[str, Any]) -> list[str]:
         for label, d in (("white-box", wb), ("black-box", bb)):
             lines.append(f"| {label} | {d['steps']} | {d['queries']} | {pct(d['before'])} | {pct(d['after'])} | "
                          f"{100 * d['gain']:+.2f} | {d['psnr']:.2f} |")
-        met = "met" if s["gain_ratio"] >= 0.9 else "missed"
         lines += ["", f"- Black-box regained {100 * s['gain_ratio']:.0f} % of what white-box regained, with "
-                  f"{bb['queries']} queries (target at least 90 %: {met}); its final accuracy is "
+                  f"{bb['queries']} queries (target at least 90 %: {verdict(s['gain_ratio'] >= 0.9)}); its final accuracy is "
                   f"{100 * s['final_ratio']:.0f} % of white-box's."]
     return lines

@@ -8,28 +8,30 @@ import numpy as np
 import torch
 
 from .. import nets
-from ..data import Cifar10, load_cifar10
-from ..metrics import quantize8
-from ..train.common import frozen, pick_device
-from ..train.obfuscator import load_obfuscator, run_weights
+from ..data import Cifar10, load_cifar10, quantize8
+from ..runs import load_attacker, load_codec
+from ..runtime import frozen, pick_device
+
+
+def one_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first test image of each class, for the first n classes (chosen by label, whatever the order)."""
+    classes = np.unique(labels)[:n]
+    return np.array([int(np.flatnonzero(labels == c)[0]) for c in classes])
 
 
 @torch.no_grad()
-def sample_rows(obfuscator_run: str | Path, *, attack_run: str | Path | None = None, n: int = 8,
-                data: Cifar10 | None = None, device: str = "auto", data_root: str | None = None) -> dict[str, torch.Tensor]:
-    """Rows of images [n, 3, 32, 32] in [0, 1]: original, 8-bit upload, co-trained D's and the attacker's rebuilds.
-
-    The n test images are evenly spaced over the test split, so they span the classes.
-    """
+def sample_rows(obfuscator_run: str | Path, *, attack_runs: dict[str, str | Path] | None = None, n: int = 8,
+                data: Cifar10 | None = None, device: str = "auto", data_root: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Rows of images [n, 3, 32, 32] in [0, 1]: originals (one per class), the 8-bit upload the cloud receives,
+    and each adversary's rebuild from that upload: the co-trained D, then every attack in `attack_runs`."""
     dev = pick_device(device)
-    obf = frozen(load_obfuscator(obfuscator_run, dev))
-    deobf = frozen(load_obfuscator(obfuscator_run, dev, name="deobfuscator"))
+    obf = frozen(load_codec(obfuscator_run, device=dev))
+    deobf = frozen(load_codec(obfuscator_run, "deobfuscator", device=dev))
     data = data or load_cifar10(data_root)
-    idx = np.linspace(0, len(data.y_test) - 1, n).astype(int)
-    x = torch.from_numpy(data.x_test[idx]).to(dev).float() / 255
+    x = torch.from_numpy(data.x_test[one_per_class(data.y_test, n)]).to(dev).float() / 255
     upload = quantize8(obf(x))
-    rows = {"original": x, "obfuscated\n(uploaded)": upload, "co-trained D": deobf(upload)}
-    if attack_run is not None:
-        attacker = frozen(nets.load(run_weights(attack_run, "attacker.safetensors", "attack"), device=dev))
-        rows[f"fresh attacker\n({nets.arch_of(attacker)['arch']})"] = attacker(upload)
+    rows = {"original": x, "uploaded\n(8-bit O(x))": upload, "co-trained D": deobf(upload)}
+    for label, run in (attack_runs or {}).items():
+        attacker = frozen(load_attacker(run, device=dev))
+        rows[f"{label}\n({nets.arch_of(attacker)['arch']})"] = attacker(upload)
     return {k: v.cpu() for k, v in rows.items()}

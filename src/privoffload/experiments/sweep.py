@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from .. import config as config_mod
 from ..config import SweepConfig
 from ..data import Cifar10, load_cifar10
-from ..experiments import figures
-from ..train.common import atomic_write_bytes, read_metrics
+from ..privacy.attack import train_attack
+from ..runs import last_record, read_metrics
+from ..runtime import atomic_write_text, init_dist, pick_device
 from ..train.obfuscator import train_obfuscator
-from .attack import train_attack
+from . import figures
 
 POINT_KEYS = ("test_accuracy", "obfuscated_accuracy", "quantized_obfuscated_accuracy", "deobfuscator_psnr_db",
               "deobfuscator_ssim", "attacker_psnr_db", "attacker_ssim")
-
-
-def last_evaluation(run: Path, key: str) -> dict:
-    """The last metrics record of `run` that holds `key` (an evaluation)."""
-    return next(r for r in reversed(read_metrics(run)) if key in r)
 
 
 def wall_s(run: Path) -> float:
@@ -35,7 +30,8 @@ def wall_s(run: Path) -> float:
 
 
 def frontier_point(lam: float, obf_run: Path, attack_run: Path) -> dict:
-    point = {"lam": lam, **last_evaluation(obf_run, "obfuscated_accuracy"), **last_evaluation(attack_run, "attacker_psnr_db")}
+    point = {"lam": lam, **last_record(read_metrics(obf_run), "obfuscated_accuracy"),
+             **last_record(read_metrics(attack_run), "attacker_psnr_db")}
     point = {k: point[k] for k in ("lam", *POINT_KEYS)}
     point.update(obfuscator_wall_s=wall_s(obf_run), attack_wall_s=wall_s(attack_run),
                  obfuscator_run=str(obf_run), attack_run=str(attack_run))
@@ -43,13 +39,13 @@ def frontier_point(lam: float, obf_run: Path, attack_run: Path) -> dict:
 
 
 def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Cifar10 | None = None, device: str = "auto",
-                 data_root: str | None = None) -> Path:
+                 data_root: str | Path | None = None) -> Path:
     """Train and attack one obfuscator per lambda; returns the path of frontier.json."""
     out = Path(out)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = init_dist(pick_device(device)).main  # under torchrun, only rank 0 writes
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "sweep.toml", config_mod.to_toml(cfg).encode())
+        atomic_write_text(out / "sweep.toml", config_mod.to_toml(cfg))
     data = data or load_cifar10(data_root)
     points = []
     for lam in cfg.lams:
@@ -60,6 +56,6 @@ def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Cifar10 | None = No
                      device=device)
         points.append(frontier_point(lam, obf_run, attack_run))
         if main:  # after every lambda, so an interrupted sweep still shows what it has
-            atomic_write_bytes(out / "frontier.json", (json.dumps(points, indent=2) + "\n").encode())
+            atomic_write_text(out / "frontier.json", json.dumps(points, indent=2) + "\n")
             figures.frontier(points, out / "frontier.png")
     return out / "frontier.json"
