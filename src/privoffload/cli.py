@@ -274,14 +274,17 @@ def classify_cmd(
 def reproduce_cmd(
     out: Annotated[Path, typer.Option("--out", help="protocol folder (give the same command again to continue)")],
     profile: Annotated[str, typer.Option(help="smoke | quick | paper | auto (paper on CUDA, quick on a CPU)")] = "auto",
+    seeds: Annotated[int, typer.Option(help="independent runs of the whole protocol; the report gives mean and 95 % CI")] = 1,
+    jobs: Annotated[int, typer.Option(help="seeds run side by side on this machine, sharing its cores")] = 1,
+    ray: Annotated[Optional[str], typer.Option(help="run the seeds as tasks on the Ray cluster at this address")] = None,
     set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Run the paper's whole protocol (C0, O0, drift, recovery, fresh attack), its figures and report.md."""
+    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_)
-    report = reproduce(cfg, out, data_root=data, device=device)
+    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device)
     typer.echo(f"report: {report}")
 
 
@@ -293,6 +296,21 @@ def plot_cmd(run: Annotated[Path, typer.Argument(help="a protocol folder made by
     if not run.is_dir():
         raise UserError(f"{run} is not a folder; give the --out of a reproduce run")
     typer.echo(f"report: {write_report(run, data_root=data)}")
+
+
+@command("tensorboard")
+def tensorboard_cmd(run: Annotated[Path, typer.Argument(help="a run folder, or a protocol folder with many")],
+                    logdir: Annotated[Optional[Path], typer.Option(help="where to write (default RUN/tensorboard)")] = None,
+                    serve: Annotated[bool, typer.Option("--serve", help="then start TensorBoard on that folder")] = False):
+    """Write TensorBoard event files from the runs' metrics.jsonl (again each time), and optionally serve them."""
+    import subprocess
+
+    from .experiments.tensorboard import export
+
+    path = export(run, logdir)
+    typer.echo(f"event files in {path}; view them with: tensorboard --logdir {path}")
+    if serve:
+        subprocess.run([sys.executable, "-m", "tensorboard.main", "--logdir", str(path)], check=False)
 
 
 def main() -> None:

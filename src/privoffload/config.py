@@ -85,9 +85,11 @@ class ClassifierConfig(TrainConfig):
         self.optim.validate("optim")
 
 
-def _adam(lr: float) -> OptimConfig:
-    """The obfuscation game's optimiser: Adam at a constant rate, no weight decay (docs/method-decisions.md)."""
-    return OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule="constant", warmup_epochs=0.0)
+def _adam(lr: float, warmup_epochs: float = 0.0, schedule: str = "constant") -> OptimConfig:
+    """The obfuscation game's optimisers: Adam, no weight decay (docs/method-decisions.md). O's rate warms up and
+    decays to zero over its stage: a stage that continues an O then starts gently and ends settled; D, the
+    adversary, keeps a constant rate so that it never stops adapting."""
+    return OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule=schedule, warmup_epochs=warmup_epochs)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class ObfuscatorConfig(TrainConfig):
     ensemble: list[str] = field(default_factory=list)  # classifier run folders or .safetensors files
     ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
     ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
-    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.2, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
     def validate(self) -> None:
@@ -172,7 +174,7 @@ class ResyncConfig:
     test_subset: str = "all"
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
-    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.05, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
     optim_surrogate: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=3e-4, weight_decay=0.0,
                                                                              schedule="constant", warmup_epochs=0.0))
@@ -231,13 +233,25 @@ class RobustConfig:
 
     seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
     extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
-        epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
+        epochs=1, subset="range:45000:50000", flip=True, eval_every=1))  # (its width is always C0's; images the drift never sees)
     weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
     per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
     fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
     epochs: int = 0  # 0 = the baseline obfuscator's epochs
     lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
     attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
+
+
+@dataclass
+class ScoresConfig:
+    """The points that enter the protocol's ratios, scored once more, on many test images (inference only)."""
+
+    test_subset: str = "all"  # all 10,000 test images: a ratio's two ends carry the least noise
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.test_subset)
 
 
 PROFILES = ("smoke", "quick", "paper")
@@ -250,11 +264,12 @@ class ProtocolConfig:
     profile: str = "paper"
     baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
-    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="all", flip=True))
-    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="all", flip=True))
+    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="range:0:45000", flip=True))
+    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="range:0:45000", flip=True))
     attack: AttackConfig = field(default_factory=AttackConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
 
     def validate(self) -> None:
         _choice("profile", self.profile, PROFILES)

@@ -140,7 +140,7 @@ class Context:
         run = RunDir(out, dist)
         data = data or load_cifar10(data_root)
         train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
-        test = DeviceData(*select(data, cfg.test_subset, cfg.seed, split="test"), dev)
+        test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world
         steps = train.steps(batch, drop_last=True, world=dist.world)
         if steps == 0:

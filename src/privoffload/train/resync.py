@@ -30,7 +30,7 @@ from ..data import DeviceData, to_pixels
 from ..errors import UserError
 from ..runtime import autocast, epoch_seed, frozen, use_bf16
 from .game import Readability, game_step, reconstruction_loss
-from .loop import make_optimizer
+from .loop import make_optimizer, schedule_factor
 
 Api = Callable[[np.ndarray], np.ndarray]  # uint8 uploads [N, 3, 32, 32] -> probabilities [N, classes]
 OnEval = Callable[[int, int], None]  # (steps done, queries spent) -> None; the caller scores O as it likes
@@ -82,6 +82,9 @@ class _Game:
         self.obf, self.deobf, self.cfg, self.device = obf, deobf, cfg, data.device
         self.bf16 = use_bf16(cfg.precision, data.device)
         self.opt_o, self.opt_d = make_optimizer(obf.parameters(), cfg.optim_o), make_optimizer(deobf.parameters(), cfg.optim_d)
+        per_epoch = max(1, len(data) // min(cfg.batch_size, len(data)))  # warm-up is given in epochs of the client's images
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(o, cfg.steps, min(
+            int(o.warmup_epochs * per_epoch), cfg.steps - 1))) for opt, o in ((self.opt_o, cfg.optim_o), (self.opt_d, cfg.optim_d))]
         self.recon = reconstruction_loss("mse")
         self.stream = _batches(data, cfg)
         self.steps = 0
@@ -93,6 +96,8 @@ class _Game:
             xb, yb = next(self.stream)
             game_step(self.obf, self.deobf, readability, xb, yb, self.opt_o, self.opt_d, lam=self.cfg.lam,
                       recon=self.recon, device=self.device, bf16=self.bf16)
+            for schedule in self.schedules:
+                schedule.step()
             self.steps += 1
             if on_eval and self.steps % self.cfg.eval_every == 0:
                 on_eval(self.steps, queries)
