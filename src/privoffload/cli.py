@@ -281,10 +281,11 @@ def reproduce_cmd(
 ):
     """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
+    from .live import hot_swap_stage
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_)
-    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device)
+    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device, after_stages=hot_swap_stage)
     typer.echo(f"report: {report}")
 
 

@@ -61,10 +61,13 @@ class TrainConfig:
     seed: int = 0  # initialisation, order and flips (and the draw of a random:N subset)
     precision: str = "auto"  # auto (bf16 where it is fast: CUDA, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     channels_last: bool = True
+    snapshot_every: int = 0  # also keep every N-th epoch's weights in epoch-<N>/ (a run folder of its own); 0 = no
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_every"):
             _positive(name, getattr(self, name))
+        if self.snapshot_every < 0:
+            raise UserError(f"config: snapshot_every = {self.snapshot_every} must be >= 0")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _subset(self.subset)
         _subset(self.test_subset)
@@ -110,6 +113,7 @@ class ObfuscatorConfig(TrainConfig):
     ensemble: list[str] = field(default_factory=list)  # classifier run folders or .safetensors files
     ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
     ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
+    flip_consistency: bool = False  # the classifiers also read mirrored uploads (a random half of each batch)
     optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.2, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
@@ -152,13 +156,17 @@ class AttackConfig(TrainConfig):
         self.optim.validate("optim")
 
 
+QUERY_KINDS = ("plain", "flip", "mixup", "noise", "lookahead")
+
+
 @dataclass
 class ResyncConfig:
     """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (train/resync.py).
 
     White-box (the cloud publishes the new weights): `steps` steps of the game against them. Black-box (only
-    the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images, distilling
-    a local surrogate of the new classifier from the answers, then steps/rounds steps of the game against it.
+    the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images of several
+    kinds (`queries`), distilling a local surrogate of the new classifier from the answers, then steps/rounds
+    steps of the game against it. Every image sent counts against `max_queries`.
     """
 
     mode: str = "auto"  # auto (white-box where the server publishes weights, else black-box) | white-box | black-box
@@ -168,7 +176,14 @@ class ResyncConfig:
     flip: bool = True
     max_queries: int = 4096  # black-box: images uploaded to the API, at most
     rounds: int = 4  # black-box: query rounds
-    surrogate_steps: int = 50  # black-box: distillation steps of the surrogate per round
+    query_growth: float = 1.0  # black-box: each round sends this many times the queries of the one before
+    surrogate_steps: int = 150  # black-box: distillation steps of the surrogate per round
+    # black-box: what a round uploads, in equal shares: O(x) of the client's images, of mirrored ones, mix-ups of two
+    # uploads, uploads with noise, and uploads of a copy of O advanced `lookahead_steps` steps against the surrogate
+    queries: list[str] = field(default_factory=lambda: ["plain", "flip", "mixup", "noise", "lookahead"])
+    lookahead_steps: int = 5
+    held_out: float = 0.1  # black-box: share of each round's queries kept to measure the surrogate's agreement
+    api_top_k: int = 0  # black-box: the API answers only its k most likely classes (0 = every probability)
     eval_every: int = 50  # steps between evaluations (in the protocol)
     subset: str = "first:20000"  # in the protocol: the client's own labelled images
     test_subset: str = "all"
@@ -183,8 +198,16 @@ class ResyncConfig:
         _choice("mode", self.mode, ("auto", "white-box", "black-box"))
         for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
             _positive(name, getattr(self, name))
-        if self.surrogate_steps < 0:
-            raise UserError("config: surrogate_steps must be >= 0")
+        if not self.query_growth >= 1:
+            raise UserError(f"config: query_growth = {self.query_growth} must be >= 1")
+        if self.surrogate_steps < 0 or self.lookahead_steps < 0 or self.api_top_k < 0:
+            raise UserError("config: surrogate_steps, lookahead_steps and api_top_k must be >= 0")
+        if not 0 <= self.held_out < 0.5:
+            raise UserError(f"config: held_out = {self.held_out} must be a share in [0, 0.5)")
+        for kind in self.queries:
+            _choice("queries", kind, QUERY_KINDS)
+        if not self.queries:
+            raise UserError("config: queries is empty; give at least one kind, e.g. queries = [\"plain\"]")
         if self.max_queries < self.rounds:
             raise UserError(f"config: max_queries = {self.max_queries} leaves no query for each of {self.rounds} rounds")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
@@ -229,17 +252,40 @@ class SweepConfig:
 
 @dataclass
 class RobustConfig:
-    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
+    """The drift-robust obfuscator (docs/drift-robustness.md): O0 trained on against C0 and stand-ins for the cloud's
+    next update, snapshots along one fine-tune of C0 on the client's own images; beside a compute-matched control."""
 
-    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
-    extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
-        epochs=1, subset="range:45000:50000", flip=True, eval_every=1))  # (its width is always C0's; images the drift never sees)
-    weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
-    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
+    # the stand-ins: C0 fine-tuned with flips at a high constant rate on images the drift never sees, a snapshot
+    # every epoch (its width is always C0's); epochs = 0 turns the robust stages off
+    trajectory: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(
+        epochs=4, subset="range:45000:50000", flip=True, eval_every=1, snapshot_every=1,
+        optim=OptimConfig(lr=0.05, schedule="constant", warmup_epochs=0.0)))
+    weight: float = 1.0  # ensemble_weight: the stand-ins' weight in O's classification loss, C0's being 1
+    per_step: int = 1  # ensemble_per_step: stand-ins drawn per step (0 = all)
+    flip_consistency: bool = True  # C0 and the stand-ins also read mirrored uploads: the update trains with flips
     fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
     epochs: int = 0  # 0 = the baseline obfuscator's epochs
     lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
+    control: bool = True  # also train the control: O0 given the same steps against C0 alone
     attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
+
+
+@dataclass
+class RemapConfig:
+    """The output-mapping baseline beside re-sync: relabel the API's answers on O0's uploads, no game (train/resync.py)."""
+
+    queries: int = 4096  # labelled images of the client's, uploaded once through O0, to fit the remapping on
+    subset: str = "first:20000"  # the client's own labelled images (the first `queries` of them are used)
+    test_subset: str = "all"
+    api_top_k: int = 0
+    seed: int = 0
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        _positive("queries", self.queries)
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.subset)
+        _subset(self.test_subset)
 
 
 @dataclass
@@ -252,6 +298,19 @@ class ScoresConfig:
     def validate(self) -> None:
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _subset(self.test_subset)
+
+
+@dataclass
+class LiveConfig:
+    """The live hot swap after each seed (live.py): the service, a client, a model update, an automatic re-sync."""
+
+    enabled: bool = True
+    test_subset: str = "random:1000"  # the images the client classifies before the swap, after it, after the re-sync
+    resync: ResyncConfig = field(default_factory=lambda: ResyncConfig(steps=100))  # white-box, on the client's images
+
+    def validate(self) -> None:
+        _subset(self.test_subset)
+        self.resync.validate()
 
 
 PROFILES = ("smoke", "quick", "paper")
@@ -269,10 +328,13 @@ class ProtocolConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
+    remap: RemapConfig = field(default_factory=RemapConfig)
     scores: ScoresConfig = field(default_factory=ScoresConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
 
     def validate(self) -> None:
         _choice("profile", self.profile, PROFILES)
+        self.live.validate()
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -4,7 +4,6 @@ black-box, runs the algorithm of train/resync.py against the live service and wr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ def resync(state: ClientState, client: Client, images: np.ndarray, labels: np.nd
         if known is None:
             raise UserError(f"{state.path} has no classifier.safetensors to start a surrogate from; black-box re-sync needs it")
         api = Budget(lambda pixels: client.send(pixels).probabilities, cfg.max_queries)
-        new = black_box(obf, deobf, api, data, cfg, copy.deepcopy(known))
+        new = black_box(obf, deobf, api, data, cfg, [known])
         mode, queries, version = "black-box", api.used, client.last_version
     state.save(obf, deobf, new, version, mode, cfg.lam)
     (state.path / ".downloaded.safetensors").unlink(missing_ok=True)
