@@ -14,6 +14,7 @@ import uvicorn
 from privoffload.cloud.app import create_app
 from privoffload.cloud.auth import Tokens
 from privoffload.cloud.repository import Repository
+from privoffload.cloud.server import uvicorn_config
 from privoffload.config import ServeConfig
 
 TOKEN = "inference-token-for-tests"
@@ -53,24 +54,43 @@ def fit_head(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> to
     return net
 
 
-def make_repo(root: Path, files: list[Path]) -> Repository:
+def make_repo(root: Path, files: list[Path], signing_key: Path | None = None) -> Repository:
     repo = Repository(root)
     for f in files:
-        repo.publish(f, MODEL)
+        repo.publish(f, MODEL, signing_key=signing_key)
     return repo
 
 
+def key_pair(folder: Path, name: str = "publisher") -> tuple[Path, Path]:
+    """A fresh Ed25519 key pair as PEM files (what `openssl genpkey -algorithm ed25519` makes): (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
 class LiveServer:
-    """The app under a real uvicorn, on a free loopback port, in a background thread."""
+    """The app under a real uvicorn, on a free loopback port, in a background thread: with the service's own
+    uvicorn settings (TLS, timeouts, limits) when the app has a ServeConfig, else uvicorn's defaults."""
 
     def __init__(self, app):
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio then sets TCP_NODELAY on each connection, without
+        # which every answer on a kept-alive connection waits ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        cfg = getattr(getattr(app, "state", None), "config", None)
+        self.url = f"{'https' if cfg and cfg.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn_config(app, cfg) if cfg else uvicorn.Config(app, log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -88,6 +108,6 @@ class LiveServer:
         self.sock.close()
 
 
-def serve(repo: Repository, **settings) -> LiveServer:
+def serve(repo: Repository, tokens: Tokens | None = None, **settings) -> LiveServer:
     cfg = ServeConfig(repo=str(repo.root), device="cpu", **settings)
-    return LiveServer(create_app(cfg, Tokens.of(TOKEN, ADMIN)))
+    return LiveServer(create_app(cfg, tokens or Tokens.of(TOKEN, ADMIN)))
