@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
@@ -111,3 +115,36 @@ class LiveServer:
 def serve(repo: Repository, tokens: Tokens | None = None, **settings) -> LiveServer:
     cfg = ServeConfig(repo=str(repo.root), device="cpu", **settings)
     return LiveServer(create_app(cfg, tokens or Tokens.of(TOKEN, ADMIN)))
+
+
+class ServeProcess:
+    """`privoffload serve` as an operator runs it: a subprocess on a free loopback port, up once it is ready.
+    Its own process, so that what it does to its own event loop (GIL included) is measured alone."""
+
+    def __init__(self, repo: Path, *args: str, **popen):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "privoffload", "serve", "--repo", str(repo), "--port", str(self.port),
+                    "--device", "cpu", *args]
+        self.env = {**os.environ, "PRIVOFFLOAD_TOKEN": TOKEN, "PRIVOFFLOAD_ADMIN_TOKEN": ADMIN, **popen.pop("env", {})}
+        self.popen, self.logs = popen, ""
+
+    def __enter__(self) -> "ServeProcess":
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stderr=subprocess.PIPE, text=True, **self.popen)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"serve did not start:\n{self.logs[-2000:]}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        _, self.logs = self.proc.communicate(timeout=30)

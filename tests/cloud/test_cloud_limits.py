@@ -13,79 +13,65 @@ import time
 import httpx
 import numpy as np
 
-from .cloud_helpers import MODEL, TOKEN, auth, make_repo, serve
+from .cloud_helpers import MODEL, TOKEN, ServeProcess, auth, make_repo, serve
 from privoffload import oip
 
 
-def probe_ms(client: httpx.Client, url: str) -> float:
-    start = time.perf_counter()
-    assert client.get(f"{url}/v2/health/live").status_code == 200
-    return (time.perf_counter() - start) * 1000
+def wave(url: str, infer: str, body: bytes, headers: dict) -> tuple[list[float], list]:
+    """8 clients post `body` at once; the health probe is timed every 20 ms until all 8 are answered."""
+    statuses, start = [], threading.Barrier(9)
 
-
-def flood(url: str, body: bytes, headers: dict, stop: threading.Event, statuses: list, clients: int = 8):
-    """`clients` threads that post `body` again and again until `stop`: that many bodies always in flight."""
     def post():
-        with httpx.Client(timeout=60) as client:
-            while not stop.is_set():
-                try:
-                    statuses.append(client.post(url, content=body, headers=headers).status_code)
-                except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
-                    statuses.append(type(e).__name__)
+        start.wait()
+        try:
+            statuses.append(httpx.post(infer, content=body, headers=headers, timeout=120).status_code)
+        except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
+            statuses.append(type(e).__name__)
 
-    threads = [threading.Thread(target=post, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=post) for _ in range(8)]
     for t in threads:
         t.start()
-    return threads
-
-
-def probes_under(url: str, infer: str, body: bytes, headers: dict, n: int = 15) -> tuple[list[float], list]:
-    stop, statuses = threading.Event(), []
-    threads = flood(infer, body, headers, stop, statuses)
-    try:
-        deadline = time.monotonic() + 60
-        while len(statuses) < 8 and time.monotonic() < deadline:  # every client has been through once: at full load
-            time.sleep(0.05)
-        latencies = []
-        with httpx.Client(timeout=30) as client:
-            for _ in range(n):
-                latencies.append(probe_ms(client, url))
-                time.sleep(0.03)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    latencies = []
+    with httpx.Client(timeout=60) as probe:
+        start.wait()
+        while any(t.is_alive() for t in threads) or len(latencies) < 3:
+            sent = time.perf_counter()
+            assert probe.get(f"{url}/v2/health/live").status_code == 200
+            latencies.append((time.perf_counter() - sent) * 1000)
+            time.sleep(0.02)
     return latencies, statuses
 
 
 def test_the_health_probe_stays_fast_while_eight_maximal_bodies_are_in_flight(tmp_path, weights):
-    """8 clients post maximal bodies without pause; the health probe's median latency stays under 100 ms.
+    """8 clients post maximal bodies at once, twice; the health probe, timed every 20 ms meanwhile, stays fast.
 
-    Two kinds of maximal: the largest body any route took before (16 MiB of JSON pixels, parsed under the GIL
-    for about a second), now refused on its Content-Length; and the largest the inference route now takes
-    (256 images of JSON UINT8 pixels, about 4 MB), parsed one at a time off the event loop and classified.
-    The median of 15 probes is robust to a single descheduling of this shared machine; before the bounds,
-    one such body stalled the probe for a second and eight for several.
+    Two kinds of maximal: the largest body the inference route took before (16 MiB of JSON pixels, which held
+    the event loop for a second or more), now refused on its Content-Length; and the largest it takes now (256
+    images of JSON UINT8 pixels, about 4 MB), parsed one at a time off the event loop, then classified. The
+    server is the real command in its own process, as in production. The median must stay under 100 ms, and at
+    most a tenth of the probes may exceed it, so that one descheduling of this shared machine cannot fail the
+    test; before the bounds, most probes of a wave took from 0.1 to several seconds.
     """
     repo = make_repo(tmp_path / "repo", [weights["c1"]])
-    with serve(repo) as server:
+    old_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
+                                      "data": [255] * ((16 * 2**20 - 200) // 5)}]}).encode()
+    new_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
+                                      "data": [255] * (256 * 3072)}]}).encode()
+    assert 16 * 2**20 * 0.99 < len(old_max) <= 16 * 2**20 and 3.5e6 < len(new_max) < 4e6
+    headers = {**auth(), "Content-Type": "application/json"}
+    with ServeProcess(repo.root, "--set", "threads=1", "--set", "log_level=warning", "--set", "max_queue_images=2048") as server:
         infer = f"{server.url}/v2/models/{MODEL}/infer"
-        headers = {**auth(), "Content-Type": "application/json"}
-        with httpx.Client() as client:
-            quiet = statistics.median(probe_ms(client, server.url) for _ in range(5))
-        old_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
-                                          "data": [255] * ((16 * 2**20 - 200) // 5)}]}).encode()
-        new_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
-                                          "data": [255] * (256 * 3072)}]}).encode()
-        assert 16 * 2**20 * 0.99 < len(old_max) <= 16 * 2**20 and 3.5e6 < len(new_max) < 4e6
-        refused, refused_statuses = probes_under(server.url, infer, old_max, headers)
-        parsed, parsed_statuses = probes_under(server.url, infer, new_max, headers)
-    print(f"\nhealth probe: quiet {quiet:.1f} ms; 8 x 16 MiB bodies: median {statistics.median(refused):.1f} ms, "
-          f"max {max(refused):.1f} ms; 8 x 4 MB bodies parsed: median {statistics.median(parsed):.1f} ms, "
-          f"max {max(parsed):.1f} ms")
-    assert 413 in refused_statuses and 200 not in refused_statuses
-    assert parsed_statuses.count(200) >= 8  # the maximal bodies were parsed and classified meanwhile
-    assert statistics.median(refused) < 100 and statistics.median(parsed) < 100, (refused, parsed)
+        results = {name: [wave(server.url, infer, body, headers) for _ in range(2)]
+                   for name, body in (("16 MiB", old_max), ("4 MB", new_max))}
+    for name, waves in results.items():
+        latencies = [ms for lat, _ in waves for ms in lat]
+        statuses = [s for _, st in waves for s in st]
+        slow = sum(ms > 100 for ms in latencies)
+        print(f"\nhealth probe under 8 x {name} bodies: {len(latencies)} probes, median {statistics.median(latencies):.1f} ms, "
+              f"max {max(latencies):.1f} ms, {slow} over 100 ms; answers {sorted(set(map(str, statuses)))}")
+        assert statistics.median(latencies) < 100 and slow <= len(latencies) // 10, (name, latencies)
+    assert 200 not in [s for _, st in results["16 MiB"] for s in st]  # refused (413, or cut while sending)
+    assert [s for _, st in results["4 MB"] for s in st] == [200] * 16  # parsed and classified meanwhile
 
 
 def test_index_and_load_take_only_small_json_bodies(live):

@@ -8,12 +8,10 @@ import json
 import os
 import resource
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from .cloud_helpers import ADMIN, MODEL, TOKEN, auth
+from .cloud_helpers import ADMIN, MODEL, ServeProcess, auth
 from privoffload import nets
 from privoffload.cli import app as cli
 from privoffload.cloud.repository import MANIFEST, WEIGHTS, Repository, sha256_of
@@ -116,12 +114,6 @@ def test_the_cloud_never_imports_the_client():
     assert "privoffload.cloud.app" in loaded and not any(m in loaded for m in forbidden)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bound_by_file_modes() -> dict:
     """Popen arguments under which a command obeys file modes as a service account does, even when the tests run
     as root: root's capabilities to read and search past them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) are dropped."""
@@ -149,41 +141,27 @@ def test_a_server_bound_by_file_modes_reads_what_publish_wrote_and_refuses_what_
         version = root / "repo" / MODEL / "1"
         assert stat.S_IMODE(version.stat().st_mode) == 0o755 and stat.S_IMODE((version / MANIFEST).stat().st_mode) == 0o644
         (root / "repo" / MODEL / "2").chmod(0o000)  # unreadable to the server's user, whoever it is
-        port, url = free_port(), None
-        env = {**os.environ, "PRIVOFFLOAD_TOKEN": TOKEN, "PRIVOFFLOAD_ADMIN_TOKEN": ADMIN, "HOME": tmp}
-        proc = subprocess.Popen([sys.executable, "-m", "privoffload", "serve", "--repo", str(root / "repo"), "--port",
-                                 str(port), "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True, cwd=tmp,
-                                **bound_by_file_modes())
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
-            get = lambda path: httpx.get(f"{url}{path}", headers=auth())  # noqa: E731
-            assert get(f"/v2/models/{MODEL}").json()["versions"] == ["1"]
-            answers = [get(f"/v2/models/{MODEL}/versions/2"), get(f"/v2/models/{MODEL}/versions/2/ready"),
-                       httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={"parameters": {"version": 2}},
-                                  headers=auth(ADMIN), timeout=60)]
-            assert [r.status_code for r in answers] == [400, 400, 400], [r.text for r in answers]
-            assert "Permission denied" in answers[2].json()["error"] and "version 1 keeps serving" in answers[2].json()["error"]
-            index = httpx.post(f"{url}/v2/repository/index", headers=auth()).json()
-            assert [(e["version"], e["state"]) for e in index] == [("1", "READY"), ("2", "UNAVAILABLE")]
-            assert "Permission denied" in index[1]["reason"]
-            assert all(tmp not in r.text for r in answers) and tmp not in json.dumps(index)  # no paths of the server
+            with ServeProcess(root / "repo", cwd=tmp, env={"HOME": tmp}, **bound_by_file_modes()) as server:
+                url = server.url
+                get = lambda path: httpx.get(f"{url}{path}", headers=auth())  # noqa: E731
+                assert get(f"/v2/models/{MODEL}").json()["versions"] == ["1"]
+                answers = [get(f"/v2/models/{MODEL}/versions/2"), get(f"/v2/models/{MODEL}/versions/2/ready"),
+                           httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={"parameters": {"version": 2}},
+                                      headers=auth(ADMIN), timeout=60)]
+                assert [r.status_code for r in answers] == [400, 400, 400], [r.text for r in answers]
+                assert "Permission denied" in answers[2].json()["error"] and "version 1 keeps serving" in answers[2].json()["error"]
+                index = httpx.post(f"{url}/v2/repository/index", headers=auth()).json()
+                assert [(e["version"], e["state"]) for e in index] == [("1", "READY"), ("2", "UNAVAILABLE")]
+                assert "Permission denied" in index[1]["reason"]
+                assert all(tmp not in r.text for r in answers) and tmp not in json.dumps(index)  # no paths of the server
 
-            repo.publish(weights["c3"], MODEL)  # published now: the server's user can read it and swap it in
-            r = httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={}, headers=auth(ADMIN), timeout=60)
-            assert r.status_code == 200 and r.json()["version"] == "3", r.text
+                repo.publish(weights["c3"], MODEL)  # published now: the server's user can read it and swap it in
+                r = httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={}, headers=auth(ADMIN), timeout=60)
+                assert r.status_code == 200 and r.json()["version"] == "3", r.text
         finally:
-            proc.terminate()
-            _, logs = proc.communicate(timeout=30)
             (root / "repo" / MODEL / "2").chmod(0o755)
+        logs = server.logs
         assert "Traceback" not in logs and all(line.startswith("{") for line in logs.splitlines() if line.strip()), logs[-800:]
 
 
