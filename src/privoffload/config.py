@@ -371,6 +371,9 @@ class ServeConfig:
             raise UserError(f"config: port = {self.port} is not a TCP port")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise UserError("config: give both ssl_certfile and ssl_keyfile (or neither, for plain http)")
+        if self.max_request_images > self.max_batch_images:
+            raise UserError(f"config: max_request_images = {self.max_request_images} exceeds max_batch_images = "
+                            f"{self.max_batch_images}: a request must fit one forward pass")
         if self.max_queue_images < self.max_request_images:
             raise UserError(f"config: max_queue_images = {self.max_queue_images} cannot hold one request of "
                             f"max_request_images = {self.max_request_images}")
