@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 
-from .cloud_helpers import MODEL, TOKEN, ServeProcess, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, ServeProcess, auth, make_repo, serve
 from privoffload import oip
 
 
@@ -91,7 +91,7 @@ def binary(pixels: np.ndarray) -> tuple[bytes, dict]:
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics", headers=auth()).text
+    text = httpx.get(f"{server.url}/metrics", headers=auth(ADMIN)).text
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
