@@ -2,7 +2,7 @@
 
 The cloud service (cloud/) serves C0 on loopback; a client (client/) holding an obfuscator classifies test
 images; the cloud hot-swaps to the drifted classifier; the client notices the new model version and re-syncs
-by itself (white-box: the service publishes weights). Accuracy is recorded before the swap, after it (the old
+by itself (white-box: the service publishes weights, signed by the publisher, whose key the client holds). Accuracy is recorded before the swap, after it (the old
 obfuscator on the new model) and after the automatic re-sync, for the robust obfuscator and for O0.
 
 This sits beside the CLI, above both apps, because it runs both; `reproduce` calls it after each seed's
@@ -28,7 +28,7 @@ from .client.drift import AutoSyncClient
 from .client.resync import ClientState
 from .cloud.app import create_app
 from .cloud.auth import Tokens
-from .cloud.repository import Repository
+from .cloud.repository import Repository, new_key_pair
 from .config import DriftConfig, LiveConfig, ProtocolConfig, ServeConfig
 from .data import Cifar10, load_cifar10, select
 from .runs import RunDir, is_done
@@ -91,18 +91,19 @@ def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.nda
     """One client, one swap: C0 serving, classify; publish and load the drifted C, classify; re-sync, classify."""
     work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))
     try:
+        private, public = new_key_pair(work)
         repo = Repository(work / "models")
-        repo.publish(folder / "c0" / "classifier.safetensors", MODEL, source="c0")
+        repo.publish(folder / "c0" / "classifier.safetensors", MODEL, source="c0", signing_key=private)
         inference, admin = secrets.token_hex(24), secrets.token_hex(24)
         serve = ServeConfig(repo=str(repo.root), device="cpu", serve_weights=True)
         state = ClientState.create(folder / obfuscator, work / "client", model_version="1")
         resync = dataclasses.replace(live.resync, mode="white-box")
         with LoopbackServer(serve, Tokens.of(inference, admin)) as server, \
                 AutoSyncClient(server.url, state.path, x_own, y_own, drift=DriftConfig(reclassify=False),
-                               resync_cfg=resync, token=inference) as client:
+                               resync_cfg=resync, token=inference, publisher_key=public) as client:
             t0 = time.perf_counter()
             before = client.classify(x)
-            repo.publish(folder / "drift" / "classifier.safetensors", MODEL, source="drift")
+            repo.publish(folder / "drift" / "classifier.safetensors", MODEL, source="drift", signing_key=private)
             loaded = httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={},
                                 headers={"Authorization": f"Bearer {admin}"}, timeout=120)
             loaded.raise_for_status()
