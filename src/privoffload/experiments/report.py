@@ -197,7 +197,7 @@ def draw_figures(out: Path, seeds: list[dict[str, Any]], folders: list[Path], da
         lines = {"classifier (clean)": curve_over_seeds(seeds, "drift_curve", "classifier"),
                  "baseline obfuscator O0": curve_over_seeds(seeds, "drift_curve", "O0")}
         if all("robust" in c for s in seeds for c in s["drift_curve"].values()):
-            lines["robust obfuscator (C0 + extras)"] = curve_over_seeds(seeds, "drift_curve", "robust")
+            lines["robust obfuscator (C0 + stand-ins)"] = curve_over_seeds(seeds, "drift_curve", "robust")
         paths.append(figures.curves(lines, out / "fig6_drift.png", xlabel="epochs of further classifier training",
                                     title="Experiment 1: obfuscator accuracy while the classifier trains"))
     if any(s["recovery_curve"] for s in seeds):
