@@ -17,12 +17,14 @@ from typing import Callable
 
 import httpx
 import numpy as np
+import torch
 
 from .. import oip
 from ..errors import UserError
 from ..runtime import atomic_write_bytes
+from .. import ldp
 from .images import read_images
-from .obfuscator import Obfuscate, load_obfuscator, quantize
+from .obfuscator import Obfuscate, load_obfuscator, quantize, shape_of
 
 DEFAULT_MODEL = "cifar10-resnet18"
 VersionHook = Callable[[str | None, str], None]
@@ -75,7 +77,8 @@ class Client:
     def __init__(self, server: str, obfuscator: str | Path | Obfuscate, *, token: str | None = None,
                  model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 3, backoff: float = 0.25,
                  binary: bool = True, images_per_request: int = 256, model_version: str | None = None,
-                 on_version_change: VersionHook | None = None, transport: httpx.BaseTransport | None = None):
+                 on_version_change: VersionHook | None = None, transport: httpx.BaseTransport | None = None,
+                 ldp_epsilon: float = float("inf"), ldp_delta: float = 1e-5, ldp_clip: float = 0.0):
         try:
             valid = server.startswith(("http://", "https://")) and bool(httpx.URL(server).host)
         except httpx.InvalidURL:
@@ -83,6 +86,9 @@ class Client:
         if not valid:
             raise ClientError(f"server {server!r} must be a URL like http://host:8000")
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
+        # local DP (opt-in): every upload clipped and noised, fresh noise from the OS's entropy; inf = none
+        mech = ldp.mechanism(ldp_epsilon, ldp_delta, shape_of(self.obfuscate), ldp_clip)
+        self.noise = ldp.Noisy(mech) if mech else None
         self.url = f"{server.rstrip('/')}/v2/models/{model}/infer"
         self.server, self.model = server, model
         self.retries, self.backoff, self.binary = retries, backoff, binary
@@ -105,10 +111,15 @@ class Client:
 
     def classify(self, images: np.ndarray) -> Result:
         """Images (uint8 [N, 3, 32, 32], or floats in [0, 1]) -> classes; only O(x) leaves the device."""
-        return self.send(quantize(self.obfuscate(images)))
+        return self.send(quantize(self.upload(images)))
+
+    def upload(self, images: np.ndarray) -> np.ndarray:
+        """O(x) as floats, with the local-DP noise where it is on (before the 8-bit rounding that clamps it)."""
+        z = self.obfuscate(images)
+        return z if self.noise is None else self.noise(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy()
 
     def classify_files(self, paths: list[str | Path]) -> Result:
-        return self.classify(read_images(paths))
+        return self.classify(read_images(paths, shape_of(self.obfuscate)))
 
     def send(self, pixels: np.ndarray) -> Result:
         """Upload already-obfuscated uint8 pixels [N, 3, 32, 32], in requests of `images_per_request`."""

@@ -150,7 +150,7 @@ def model_metadata(request: Request, name: str, version: int | None) -> dict:
     if not versions:
         raise ApiError(404, f"no model named {name[:64]!r}")
     manifest = store.repo.manifest(name, version if version is not None else versions[-1])
-    inputs, outputs = tensors.metadata(len(manifest.classes))
+    inputs, outputs = tensors.metadata(len(manifest.classes), manifest.shape)
     listed = [str(version)] if version is not None else [str(current.version)] if current else []
     return {"name": name, "versions": listed, "platform": "pytorch", "inputs": inputs, "outputs": outputs}
 
@@ -192,7 +192,7 @@ async def infer(request: Request, name: str, version: str | None, header_length:
 
     def parse():
         header, tail = oip.split_body(body, header_length)
-        return tensors.parse_request(header, tail, config_of(request).max_request_images)
+        return tensors.parse_request(header, tail, config_of(request).max_request_images, model.manifest.shape)
 
     # big bodies (JSON tensors) are decoded off the event loop, like the model runs
     x, outputs, request_id = parse() if len(body) < PARSE_INLINE_BYTES else await asyncio.to_thread(parse)

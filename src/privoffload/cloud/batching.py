@@ -27,7 +27,7 @@ class VersionGone(Exception):
 
 @dataclass
 class Job:
-    x: torch.Tensor  # float [n, 3, 32, 32] in [0, 1]
+    x: torch.Tensor  # float [n, C, H, W] in [0, 1] (the model's shape)
     version: int | None  # a pinned version, or None for whichever is current
     future: asyncio.Future = field(default=None)
 
