@@ -110,7 +110,8 @@ class Client:
     # ---- the public calls
 
     def classify(self, images: np.ndarray) -> Result:
-        """Images (uint8 [N, 3, 32, 32], or floats in [0, 1]) -> classes; only O(x) leaves the device."""
+        """Images (uint8 [N, C, H, W] of the obfuscator's shape, or floats in [0, 1]) -> classes; only O(x) (with
+        the local-DP noise where it is on) leaves the device."""
         return self.send(quantize(self.upload(images)))
 
     def upload(self, images: np.ndarray) -> np.ndarray:
@@ -122,7 +123,7 @@ class Client:
         return self.classify(read_images(paths, shape_of(self.obfuscate)))
 
     def send(self, pixels: np.ndarray) -> Result:
-        """Upload already-obfuscated uint8 pixels [N, 3, 32, 32], in requests of `images_per_request`."""
+        """Upload already-obfuscated uint8 pixels [N, C, H, W], in requests of `images_per_request`."""
         parts = [self._infer(pixels[i:i + self.images_per_request]) for i in range(0, len(pixels), self.images_per_request)]
         return Result(np.concatenate([p.classes for p in parts]), [lab for p in parts for lab in p.labels],
                       np.concatenate([p.probabilities for p in parts]), [v for p in parts for v in p.versions])

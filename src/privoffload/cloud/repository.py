@@ -164,7 +164,7 @@ class Repository:
         meta = nets.read_metadata(path)
         if meta.get("arch") != m.architecture or meta.get("width") != str(m.width):
             raise UserError(f"{path} holds a {meta.get('arch')} of width {meta.get('width')}, its manifest says {_sig(m)}")
-        model = nets.build(m.architecture, m.width)
+        model = nets.build(m.architecture, m.width, **nets.image_args(meta, path))
         if model.fc.out_features != len(m.classes):
             raise UserError(f"{path}: the network has {model.fc.out_features} outputs, the manifest lists {len(m.classes)} classes")
         if nets.image_shape(model) != m.shape:

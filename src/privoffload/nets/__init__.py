@@ -25,7 +25,7 @@ from .unet import UNet, unet
 # name -> class; each class is built as cls(width) and keeps `.width`
 ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet}
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "image_of", "image_shape",
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "image_of", "image_shape", "image_args",
            "save", "load", "read_metadata"]
 MAX_SIDE, MAX_CLASSES = 1024, 10_000  # bounds on what a file's metadata may ask to build
 
