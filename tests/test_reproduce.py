@@ -19,8 +19,8 @@ from privoffload.runs import read_metrics
 from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
-STAGES = ("c0", "o0", "extra1", "robust", "drift", "recovery", "attack", "attack-o0", "attack-robust", "whitebox", "blackbox",
-          "scores")
+STAGES = ("c0", "o0", "trajectory", "robust", "control", "drift", "recovery", "attack", "attack-o0", "attack-robust",
+          "whitebox", "blackbox", "remap", "scores")
 SMOKE = ("reproduce", "--profile", "smoke", "--seeds", "2", "--jobs", "2")
 
 
@@ -63,7 +63,7 @@ def test_killed_seeds_continue_where_each_stopped(smoke):
             marks = [r.get("epoch", r.get("step", 0)) for r in read_metrics(out / seed / stage)]
             assert marks == sorted(set(marks)) and (out / seed / stage / "DONE").exists(), (seed, stage, marks)
         drift = read_metrics(out / seed / "drift")
-        assert drift[0]["epoch"] == 0 and all({"O0", "robust"} <= r["probes"].keys() for r in drift)
+        assert drift[0]["epoch"] == 0 and all({"O0", "robust", "control"} <= r["probes"].keys() for r in drift)
     # the seeds differ in what they learned, not in the images they are scored on
     assert read_metrics(out / "seed-0" / "c0") != read_metrics(out / "seed-1" / "c0")
     assert read_metrics(out / "seed-0" / "scores")[-1]["images"] == read_metrics(out / "seed-1" / "scores")[-1]["images"]
@@ -80,7 +80,7 @@ def test_same_command_again_reuses_everything_and_plot_redraws(smoke):
     out, _, _, _ = smoke
     before = stage_files(out)
     again = run_cli(*SMOKE, "--out", out)
-    assert again.stdout.count("finished earlier") == 2 * len(STAGES)
+    assert again.stdout.count("finished earlier") == 2 * (len(STAGES) + 1)  # and the live hot swap
     assert stage_files(out) == before
     report = (out / "report.md").read_text()
     for name in (*FIGURES, "report.md"):
@@ -100,13 +100,20 @@ def test_another_config_is_refused(smoke, tmp_path):
     assert_user_error(run_cli("plot", tmp_path, check=False), "no seed folder")
 
 
-def test_extras_must_not_see_the_drift_data(tmp_path):
-    """The robust obfuscator's stand-ins for the update train on images the update never sees, in every profile."""
+def test_stand_ins_must_not_see_the_drift_data(tmp_path):
+    """The robust obfuscator's stand-ins for the update train on images the update never sees, in every profile;
+    the robust O trains against their snapshots, and its control against C0 alone, for the same steps."""
     for profile in ("smoke", "quick", "paper"):
-        stage_configs(load_profile(profile), tmp_path)
-    clash = load_profile("smoke", ["robust.extra.subset=\"range:0:512\""])
-    with pytest.raises(Exception, match="images the drift .* trains on too"):
-        stage_configs(clash, tmp_path)
+        stages = stage_configs(load_profile(profile), tmp_path)
+        trajectory, robust, control = stages["trajectory"], stages["robust"], stages["control"]
+        assert robust.ensemble == [str(tmp_path / "trajectory" / f"epoch-{e}") for e in
+                                   range(trajectory.snapshot_every, trajectory.epochs + 1, trajectory.snapshot_every)]
+        assert control.ensemble == [] and (control.epochs, control.batch_size, control.subset, control.init) == \
+            (robust.epochs, robust.batch_size, robust.subset, robust.init)
+    for subset in ("range:0:512", "random:100"):
+        clash = load_profile("smoke", [f"robust.trajectory.subset=\"{subset}\""])
+        with pytest.raises(Exception, match="images the drift .* trains on too"):
+            stage_configs(clash, tmp_path)
 
 
 def test_seeds_run_as_tasks_on_a_local_ray_cluster(tmp_path):

@@ -112,6 +112,20 @@ def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, 
 
 
 @torch.no_grad()
+def upload_accuracies(classifiers: dict[str, nn.Module], obf: nn.Module, data: DeviceData, *, bf16: bool = False,
+                      batch_size: int = EVAL_BATCH, dist: Dist = Dist()) -> dict[str, float]:
+    """The accuracy of each classifier on the same 8-bit uploads of `obf`: O runs once per image for all of them."""
+    names = tuple(classifiers)
+    sums = _Sums(names, data.device)
+    with _EvalMode(obf, *classifiers.values()):
+        for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                upload = quantize8(obf(xb).float())
+                sums.add(len(yb), **{k: c(upload).argmax(1) == yb for k, c in classifiers.items()})
+    return sums.means(dist)
+
+
+@torch.no_grad()
 def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *, bf16: bool = False,
                            batch_size: int = EVAL_BATCH, dist: Dist = Dist(), noise: Noise | None = None) -> tuple[float, float]:
     """Mean per-image (PSNR in dB, SSIM) of deobf(quantize8(obf(x))) against x over `data` (with `noise` on O(x)).

@@ -113,15 +113,22 @@ def _band(ax, points: Sequence[tuple[float, Estimate]], style: str, label: str, 
 
 
 def curves(lines: Mapping[str, Sequence[tuple[float, Estimate]]], path: Path, *, xlabel: str, title: str,
-           ylabel: str = "test accuracy (%)") -> Path:
-    """Fig. 6 and Fig. 7: accuracy curves over epochs, each the mean over seeds with its 95 % band."""
+           ylabel: str = "test accuracy (%)", scale: float = 100.0, ylim: tuple[float, float] | None = (0, 100),
+           target: float | None = None, log_x: bool = False) -> Path:
+    """Curves over epochs (Fig. 6, Fig. 7) or queries, each the mean over seeds with its 95 % band; `target` draws a line."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for (label, points), style in zip(lines.items(), ("o-", "s-", "^-", "v-")):
-        _band(ax, points, style, label)
+        _band(ax, points, style, label, scale=scale)
+    if target is not None:
+        ax.axhline(scale * target, color="grey", ls=":", lw=1, label=f"target ({target:g})")
     ax.set_xlabel(xlabel)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -148,6 +155,23 @@ def resync_curves(white: Sequence[tuple[float, Estimate]], black: Sequence[tuple
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Re-syncing the obfuscator to the updated classifier", fontsize=10)
+    return _save(fig, path)
+
+
+def cost_curve(lines: Mapping[str, Sequence[tuple[float, Estimate]]], target: float, path: Path) -> Path:
+    """Beyond the paper: the drift-robust obfuscator's drop / O0's drop against its extra epochs (the control beside
+    it), with the target below which the robust obfuscator counts as surviving the update."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (label, points), style in zip(lines.items(), ("o-", "s--")):
+        _band(ax, points, style, label, scale=1.0)
+    ax.axhline(target, color="grey", ls=":", lw=1, label=f"target ({target:.2f})")
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xlabel("epochs of extra obfuscator training (the cost)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("relative drop / O0's relative drop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("How far the robust obfuscator is from surviving the update", fontsize=10)
     return _save(fig, path)
 
 

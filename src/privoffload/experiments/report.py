@@ -26,8 +26,8 @@ from ..runtime import atomic_write_text
 from . import figures
 from .stats import Estimate, estimate, verdict
 
-STAGES = ("c0", "o0", "robust", "drift", "recovery", "attack", "attack-o0", "attack-robust", "identify", "whitebox", "blackbox",
-          "scores")
+STAGES = ("c0", "o0", "robust", "control", "drift", "recovery", "attack", "attack-o0", "attack-robust", "identify", "whitebox",
+          "blackbox", "remap", "scores")
 PAPER = {"c0": 0.7082, "o0": 0.4068, "c_final": 0.8153, "o0_final": 0.2052, "recovery": 0.73}
 PAPER["o0_ratio"] = PAPER["o0"] / PAPER["c0"]
 PAPER["drop"] = (PAPER["o0"] - PAPER["o0_final"]) / PAPER["o0"]
@@ -94,19 +94,33 @@ def seed_numbers(folder: Path) -> dict[str, Any]:
     identify = last_record(m["identify"], "test_accuracy")
     n["identify"], n["chance"] = _value(identify, "test_accuracy"), _value(identify, "chance")
 
-    # beyond the paper: the robust obfuscator beside O0 on the same classifiers
+    # beyond the paper: the robust obfuscator and its control beside O0, on the same classifiers
     if drift and "robust" in drift[0][2]:
-        for name, probe, start_key, end_key in (("plain", "O0", "o0@c0", "o0@drift"), ("robust", "robust", "robust@c0",
-                                                                                          "robust@drift")):
+        plain_curve = [p["O0"]["quantized_obfuscated_accuracy"] for _, _, p in drift]
+        for name, probe in (("plain", "O0"), ("robust", "robust"), ("control", "control")):
+            if probe not in drift[0][2]:
+                continue
             curve = [p[probe]["quantized_obfuscated_accuracy"] for _, _, p in drift]
-            n[f"{name}_start"] = float(scores.get(start_key, curve[0]))
-            n[f"{name}_end"] = float(scores.get(end_key, curve[-1]))
+            n[f"{name}_start"] = float(scores.get(f"{probe.lower()}@c0", curve[0]))
+            n[f"{name}_end"] = float(scores.get(f"{probe.lower()}@drift", curve[-1]))
             d = drop(curve[0], curve[1:] or curve)  # mean and worst: along the curve (test subset)
             n[f"{name}_drop"] = (n[f"{name}_start"] - n[f"{name}_end"]) / n[f"{name}_start"]
             n[f"{name}_mean_drop"], n[f"{name}_worst_drop"] = d["mean_drop"], d["worst_drop"]
-        for key in ("drop", "mean_drop", "worst_drop"):
-            n[f"robust_{key}_ratio"] = n[f"robust_{key}"] / n[f"plain_{key}"] if n[f"plain_{key}"] > 0 else float("nan")
+        for name in ("robust", "control"):
+            for key in ("drop", "mean_drop", "worst_drop"):
+                if f"{name}_{key}" in n:
+                    n[f"{name}_{key}_ratio"] = n[f"{name}_{key}"] / n[f"plain_{key}"] if n[f"plain_{key}"] > 0 else float("nan")
         n["privacy_gap_db"] = abs(n["attack_psnr_robust"] - n["attack_psnr_o0"])
+        # the cost curve: drop ratio (on the test subset) of the robust O and its control after each of their epochs
+        plain = drop(plain_curve[0], plain_curve[1:] or plain_curve)["drop"]
+        for name in ("robust", "control"):
+            n[f"{name}_cost_curve"] = {}
+            epochs = max((r["epoch"] for r in m[name]), default=0)  # its last snapshot is the final probe itself
+            for probe in drift[0][2]:
+                if probe.startswith(f"{name}@epoch-") or (probe == name and epochs):
+                    curve = [p[probe]["quantized_obfuscated_accuracy"] for _, _, p in drift]
+                    ratio = drop(curve[0], curve[1:] or curve)["drop"] / plain if plain > 0 else float("nan")
+                    n[f"{name}_cost_curve"][int(probe.rsplit("-", 1)[1]) if "@" in probe else epochs] = ratio
 
     # beyond the paper: re-sync; before = O0 on the drifted C (the same point as the drift's end)
     for stage in ("whitebox", "blackbox"):
@@ -120,6 +134,23 @@ def seed_numbers(folder: Path) -> dict[str, Any]:
             n[f"{stage}_psnr"] = _value(last_record(m[stage], "deobfuscator_psnr_db"), "deobfuscator_psnr_db")
     if "whitebox_gain" in n and "blackbox_gain" in n:
         n["blackbox_share"] = n["blackbox_gain"] / n["whitebox_gain"] if n["whitebox_gain"] > 0 else float("nan")
+        # the query-budget curve: after each black-box round, the share of white-box's gain at the same number of steps
+        # (both on the test subset), against the queries spent so far
+        white = {r["step"]: r["quantized_obfuscated_accuracy"] for r in m["whitebox"]}
+        n["budget_curve"] = {}
+        for r in m["blackbox"]:
+            if r["step"] > 0 and r["step"] in white and white[r["step"]] > white[0]:
+                n["budget_curve"][r["queries"]] = ((r["quantized_obfuscated_accuracy"] - m["blackbox"][0]["quantized_obfuscated_accuracy"])
+                                                   / (white[r["step"]] - white[0]))
+        agreement = [r["agreement"] for r in m["blackbox"] if r.get("agreement") is not None]
+        n["surrogate_agreement"] = agreement[-1] if agreement else float("nan")
+    remap = m["remap"][-1] if m["remap"] else None
+    if remap:
+        n.update(remap_before=remap["before"], remap_after=remap["after"], remap_gain=remap["after"] - remap["before"],
+                 remap_queries=remap["queries"])
+    for r in read_metrics(folder / "live"):  # the live hot swap (live.py), through the real service and client
+        for key in ("before_swap", "after_swap", "after_resync"):
+            n[f"live_{r['obfuscator']}_{key}"] = r[key]
     timings = folder / "timings.json"
     n["timings"] = json.loads(timings.read_text()) if timings.exists() else {}
     return n
@@ -175,6 +206,15 @@ def draw_figures(out: Path, seeds: list[dict[str, Any]], folders: list[Path], da
     if any(s["recovery_curve"] for s in seeds):
         paths.append(figures.curves({"obfuscator": curve_over_seeds(seeds, "recovery_curve")}, out / "fig7_recovery.png",
                                     xlabel="epochs of obfuscator retraining", title="Experiment 2: obfuscator recovery"))
+    cost = {"robust O": curve_over_seeds(seeds, "robust_cost_curve"), "control": curve_over_seeds(seeds, "control_cost_curve")}
+    if cost["robust O"]:
+        paths.append(figures.cost_curve({k: v for k, v in cost.items() if v}, ROBUST_RATIO, out / "fig9_robust_cost.png"))
+    budget = curve_over_seeds(seeds, "budget_curve")
+    if len(budget) > 1:
+        paths.append(figures.curves({"black-box / white-box gain": budget}, out / "fig10_query_budget.png",
+                                    xlabel="API queries (obfuscated images sent)", ylabel="share of white-box's gain",
+                                    title="Black-box re-sync against its query budget", scale=1.0, ylim=None,
+                                    target=BLACKBOX_SHARE, log_x=True))
     if all(s.get("whitebox_curve") and s.get("blackbox_curve") for s in seeds):
         white, black = (curve_over_seeds(seeds, f"{k}_curve", 1) for k in ("whitebox", "blackbox"))
         queries = [(x, over_seeds([{"q": s["blackbox_curve"][x][0]} for s in seeds if x in s["blackbox_curve"]], "q").mean)
@@ -274,28 +314,42 @@ def beyond_lines(seeds: list[dict[str, Any]]) -> list[str]:
         r = {key: over_seeds(seeds, key) for key in ("robust_drop_ratio", "robust_mean_drop_ratio",
                                                      "robust_worst_drop_ratio", "privacy_gap_db")}
         lines += ["", "## Beyond the paper: a drift-robust obfuscator (experiment 1)", "",
-                  "Both obfuscators measured on the same classifiers: C0, then every evaluation of experiment 1's drift. "
+                  "The obfuscators measured on the same classifiers: C0, then every evaluation of experiment 1's drift. "
                   "Relative drop = (accuracy on C0 - accuracy during the drift) / accuracy on C0: after the drift "
                   "(both ends on all test images), averaged over its evaluations and at its lowest point (on the "
-                  "test subset).", "",
+                  "test subset). The control is O0 trained for as many more steps as the robust O, against C0 alone: "
+                  "what the extra training does without the stand-ins.", "",
                   "| obfuscator | on C0 | after drift | drop after | mean drop | worst drop | fresh-attacker PSNR dB |",
                   "|---|---|---|---|---|---|---|"]
-        for label, name, attack in (("O0 (plain)", "plain", "o0"), ("robust (C0 + extras)", "robust", "robust")):
+        rows = [("O0 (plain)", "plain", "o0"), ("control (O0 + the same steps, C0 only)", "control", None),
+                ("robust (C0 + stand-ins, mirrored uploads)", "robust", "robust")]
+        for label, name, attack in rows:
+            if not all(f"{name}_drop" in s for s in seeds):
+                continue
+            psnr = over_seeds(seeds, f"attack_psnr_{attack}").text() if attack else "–"
             lines.append(f"| {label} | {pct(over_seeds(seeds, f'{name}_start'))} | {pct(over_seeds(seeds, f'{name}_end'))} | "
                          f"{pct(over_seeds(seeds, f'{name}_drop'))} | {pct(over_seeds(seeds, f'{name}_mean_drop'))} | "
-                         f"{pct(over_seeds(seeds, f'{name}_worst_drop'))} | {over_seeds(seeds, f'attack_psnr_{attack}').text()} |")
+                         f"{pct(over_seeds(seeds, f'{name}_worst_drop'))} | {psnr} |")
         ratio = {k: f"{r[f'robust_{k}_ratio'].text()} ({verdict(r[f'robust_{k}_ratio'], ROBUST_RATIO, at_least=False)})"
                  for k in ("drop", "mean_drop", "worst_drop")}
         lines += ["", f"- Robust drop / plain drop (target at most {ROBUST_RATIO:.2f}): after the drift {ratio['drop']}, "
                   f"mean over the drift {ratio['mean_drop']}, worst {ratio['worst_drop']}."]
+        if all("control_drop_ratio" in s for s in seeds):
+            lines.append(f"- Control drop / plain drop: after the drift {over_seeds(seeds, 'control_drop_ratio').text()}; "
+                         f"robust minus control: {over_seeds([{'d': s['robust_drop_ratio'] - s['control_drop_ratio']} for s in seeds], 'd').text()} "
+                         "(below 0: the stand-ins, not the extra steps, made the difference).")
         if r["privacy_gap_db"].n:
             lines.append(f"- Privacy: fresh-attacker PSNR gap between the two, {r['privacy_gap_db'].text()} dB (target at "
                          f"most {PRIVACY_GAP_DB} dB: {verdict(r['privacy_gap_db'], PRIVACY_GAP_DB, at_least=False)}).")
+        cost = curve_over_seeds(seeds, "robust_cost_curve")
+        if cost:
+            points = ", ".join(f"{x} epoch{'s' if x > 1 else ''}: {e.text()}" for x, e in cost)
+            lines.append(f"- Drop ratio against the robust O's extra epochs (fig9_robust_cost.png, test subset): {points}.")
     if all("blackbox_share" in s for s in seeds):
         lines += ["", "## Beyond the paper: re-sync after the update (experiment 2)", "",
                   "O0 and D0 re-synced to the drifted classifier on the client's own images, with the same budget of "
                   "steps: white-box from its published weights, black-box from its API's probabilities alone "
-                  "(a surrogate distilled from the answers, started from C0). Before and after: the real drifted "
+                  "(a surrogate distilled from the answers, started from C0 or a stand-in for the update, whichever agreed best with its first answers). Before and after: the real drifted "
                   "classifier's accuracy on the 8-bit uploads of the test images.", "",
                   "| re-sync | steps | API queries (images) | before | after | regained | co-trained D PSNR dB |",
                   "|---|---|---|---|---|---|---|"]
@@ -304,7 +358,31 @@ def beyond_lines(seeds: list[dict[str, Any]]) -> list[str]:
                          f"{over_seeds(seeds, f'{name}_queries').mean:.0f} | {pct(over_seeds(seeds, f'{name}_before'))} | "
                          f"{pct(over_seeds(seeds, f'{name}_after'))} | {pct(over_seeds(seeds, f'{name}_gain'))} | "
                          f"{over_seeds(seeds, f'{name}_psnr').text()} |")
+        if all("remap_gain" in s for s in seeds):
+            lines.append(f"| output remapping of O0's answers (no game) | 0 | {over_seeds(seeds, 'remap_queries').mean:.0f} | "
+                         f"{pct(over_seeds(seeds, 'remap_before'))} | {pct(over_seeds(seeds, 'remap_after'))} | "
+                         f"{pct(over_seeds(seeds, 'remap_gain'))} | – |")
         share = over_seeds(seeds, "blackbox_share")
         lines += ["", f"- Black-box regained {share.text()} of what white-box regained (target at least "
-                  f"{BLACKBOX_SHARE}: {verdict(share, BLACKBOX_SHARE)})."]
+                  f"{BLACKBOX_SHARE}: {verdict(share, BLACKBOX_SHARE)}), with "
+                  f"{over_seeds(seeds, 'blackbox_queries').mean:.0f} queries; its surrogate named the API's top class "
+                  f"for {pct(over_seeds(seeds, 'surrogate_agreement'))} % of held-out queries in its last round."]
+        budget = curve_over_seeds(seeds, "budget_curve")
+        if len(budget) > 1:
+            points = ", ".join(f"{q:.0f} queries: {e.text()} ({verdict(e, BLACKBOX_SHARE)})" for q, e in budget)
+            lines.append(f"- Share of white-box's gain at the same number of steps, against the queries spent so far (after "
+                         f"each round; test subset; fig10_query_budget.png): {points}.")
+        if all("remap_gain" in s for s in seeds):
+            lines.append(f"- Relabelling the API's answers alone regains {pct(over_seeds(seeds, 'remap_gain'))} points: the "
+                         "part of the drop that is systematic class confusion.")
+    if any("live_robust_before_swap" in s or "live_o0_before_swap" in s for s in seeds):
+        lines += ["", "## Beyond the paper: the user's view of an update (live)", "",
+                  "The service on loopback serves C0; a client classifies test images through it; the cloud hot-swaps to "
+                  "the drifted classifier; the client notices the new model version and re-syncs by itself (white-box, "
+                  "from the published weights). Accuracy of what the client gets back, on the same images each time.", "",
+                  "| client's obfuscator | before the swap | after the swap | after the automatic re-sync |", "|---|---|---|---|"]
+        for label, name in (("robust O", "robust"), ("O0 (plain)", "o0")):
+            if all(f"live_{name}_before_swap" in s for s in seeds):
+                lines.append("| " + " | ".join([label] + [pct(over_seeds(seeds, f"live_{name}_{k}"))
+                                                           for k in ("before_swap", "after_swap", "after_resync")]) + " |")
     return lines
