@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "privoffload"
 RANK = {  # a module may import the modules of its own component and of components of a lower rank
     "__init__": 0, "errors": 0, "oip": 0,
     "runtime": 1,
-    "data": 2, "nets": 2,
+    "data": 2, "nets": 2, "ldp": 2,
     "config": 3,
     "metrics": 4,
     "runs": 5,

@@ -19,7 +19,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with settings")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a setting, e.g. optim.lr=0.1 (repeatable)")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in --out where it stopped")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help="folder holding cifar-10-batches-bin or -py")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="data root: cifar-10-batches-bin or -py, pneumoniamnist.npz, "
+                                                                 "ORL's s1/ ... s40/ (default: the cache, then ../shared/data)")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="cifar10 | pneumoniamnist | orl | folder:PATH "
+                                                                     "(PATH/train/CLASS/*.png, PATH/test/CLASS/...)")]
+SizeOpt = Annotated[Optional[str], typer.Option("--image-size", help="resize to HEIGHTxWIDTH, multiples of 8 "
+                                                                     "(default: the data set's; orl 64x56, pneumoniamnist 32x32)")]
+EpsOpt = Annotated[float, typer.Option("--ldp-epsilon", help="local DP: epsilon per upload (inf = no noise)")]
+DeltaOpt = Annotated[float, typer.Option("--ldp-delta", help="local DP: delta per upload")]
+ClipOpt = Annotated[float, typer.Option("--ldp-clip", help="local DP: L2 radius of the upload around mid-grey "
+                                                           "(0 = the whole pixel cube, nothing clipped)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 
 
@@ -65,22 +74,32 @@ def settings(cls: type, config: Path | None, sets: list[str] | None, **options):
     return config_mod.load(cls, config, sets=sets, overrides=given)
 
 
+def data_of(run: Path | None, dataset: str | None, image_size: str | None) -> dict:
+    """The data set options given, else those of the run this one builds on (its config.toml)."""
+    if run is not None and dataset is None and Path(run).is_dir() and (Path(run) / "config.toml").exists():
+        from .runs import run_dataset
+
+        dataset, saved_size = run_dataset(run)
+        image_size = saved_size if image_size is None else image_size
+    return {"dataset": dataset, "image_size": image_size}
+
+
 @command("train-classifier")
 def train_classifier_cmd(
     out: OutOpt, subset: SubsetOpt = None, epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
     batch_size: BatchOpt = None, flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="classifier run to start from")] = None,
-    precision: PrecisionOpt = None, seed: SeedOpt = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Train the cloud's classifier (CIFAR ResNet18)."""
+    """Train the cloud's classifier (a ResNet18 for the data set's images)."""
     from .config import ClassifierConfig
     from .train.classifier import train_classifier
 
     cfg = settings(ClassifierConfig, config, set_, subset=subset, epochs=epochs, width=width, batch_size=batch_size,
-                   flip=flip, init=init, precision=precision, seed=seed)
+                   flip=flip, init=init, precision=precision, seed=seed, dataset=dataset, image_size=image_size)
     train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
@@ -95,7 +114,7 @@ def train_obfuscator_cmd(
     recon_loss: Annotated[Optional[str], typer.Option(help="mse | l1")] = None,
     flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="obfuscator run whose O and D to continue from")] = None,
-    precision: PrecisionOpt = None, seed: SeedOpt = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -105,7 +124,7 @@ def train_obfuscator_cmd(
 
     cfg = settings(ObfuscatorConfig, config, set_, classifier=classifier, subset=subset, epochs=epochs, width=width,
                    batch_size=batch_size, lam=lam, recon_loss=recon_loss, flip=flip, init=init, precision=precision,
-                   seed=seed)
+                   seed=seed, **data_of(classifier, dataset, image_size))
     train_obfuscator(cfg, out, resume=resume, device=device, data_root=data)
 
 
@@ -119,7 +138,9 @@ def attack_cmd(
     width: Annotated[Optional[int], typer.Option(help="attacker width")] = None,
     batch_size: BatchOpt = None,
     recon_loss: Annotated[Optional[str], typer.Option(help="mse | l1")] = None,
-    precision: PrecisionOpt = None, seed: SeedOpt = None,
+    precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
+    ldp_epsilon: Annotated[Optional[float], typer.Option("--ldp-epsilon", help="attack uploads with local-DP noise")] = None,
+    ldp_delta: Annotated[Optional[float], typer.Option("--ldp-delta")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
@@ -128,7 +149,8 @@ def attack_cmd(
     from .privacy.attack import train_attack
 
     cfg = settings(AttackConfig, config, set_, obfuscator=obfuscator, arch=arch, subset=subset, epochs=epochs,
-                   width=width, batch_size=batch_size, recon_loss=recon_loss, precision=precision, seed=seed)
+                   width=width, batch_size=batch_size, recon_loss=recon_loss, precision=precision, seed=seed,
+                   **data_of(obfuscator, dataset, image_size), **{"ldp.epsilon": ldp_epsilon, "ldp.delta": ldp_delta})
     train_attack(cfg, out, resume=resume, device=device, data_root=data)
 
 
@@ -165,6 +187,37 @@ def sweep_lambda_cmd(
     typer.echo(f"frontier: {path} and {path.with_suffix('.png')}")
 
 
+@command("sweep-epsilon")
+def sweep_epsilon_cmd(
+    obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for the attacks, epsilon.json, .png and .md")] = ...,
+    epsilons: Annotated[Optional[str], typer.Option("--epsilons", help="comma-separated, e.g. 1,4,16,64,inf")] = None,
+    delta: Annotated[Optional[float], typer.Option("--delta", help="delta per upload")] = None,
+    clip: Annotated[Optional[float], typer.Option("--clip", help="L2 radius around mid-grey (0 = nothing clipped)")] = None,
+    attack_arch: Annotated[Optional[str], typer.Option(help="codec | unet")] = None,
+    attack_epochs: Annotated[Optional[int], typer.Option()] = None,
+    attack_width: Annotated[Optional[int], typer.Option()] = None,
+    attack_subset: Annotated[Optional[str], typer.Option(help="training images of the attacks")] = None,
+    config: ConfigOpt = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. attack.batch_size=32")] = None,
+    data: DataOpt = None, device: DeviceOpt = "auto",
+):
+    """Accuracy and a fresh attacker's PSNR/SSIM against epsilon, with local-DP noise on the uploads (rerun to continue)."""
+    from .config import EpsilonSweepConfig
+    from .experiments.epsilon import sweep_epsilon
+
+    eps_list = None
+    if epsilons is not None:
+        try:
+            eps_list = [float(v) for v in epsilons.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--epsilons {epsilons!r} is not a comma-separated list of numbers, e.g. 1,4,16,64,inf") from None
+    cfg = settings(EpsilonSweepConfig, config, set_, **{
+        "obfuscator": obfuscator, "epsilons": eps_list, "delta": delta, "clip": clip, "attack.arch": attack_arch,
+        "attack.epochs": attack_epochs, "attack.width": attack_width, "attack.subset": attack_subset})
+    typer.echo(f"table: {sweep_epsilon(cfg, out, device=device, data_root=data)}")
+
+
 @command("samples")
 def samples_cmd(
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder")],
@@ -185,13 +238,16 @@ def samples_cmd(
 @command("evaluate")
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfuscator or attack run folder")],
                  subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:A:B")] = "all",
-                 seed: Annotated[int, typer.Option(help="seed of a random:N subset")] = 0,
+                 seed: Annotated[int, typer.Option(help="seed of a random:N subset, and of the local-DP noise")] = 0,
+                 ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
                  data: DataOpt = None, device: DeviceOpt = "auto",
                  json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
-    """Score a run on the whole test set: accuracy; for an obfuscator also privacy (PSNR, SSIM)."""
+    """Score a run on the whole test set: accuracy; for an obfuscator also privacy (PSNR, SSIM); with
+    --ldp-epsilon, on uploads with local-DP noise."""
     from .evaluate import evaluate_run
 
-    result = evaluate_run(run, data_root=data, device=device, test_subset=subset, seed=seed)
+    result = evaluate_run(run, data_root=data, device=device, test_subset=subset, seed=seed, ldp_epsilon=ldp_epsilon,
+                          ldp_delta=ldp_delta, ldp_clip=ldp_clip)
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -200,14 +256,13 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfusca
 
 
 @command("download-data")
-def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to unpack into")],
-                 layout: Annotated[str, typer.Option(help="bin | py")] = "bin"):
-    """Download the official CIFAR-10 tarball (needs internet), check its md5 and unpack it."""
-    from .data import URLS, download
+def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to unpack into (then pass it as --data)")],
+                 layout: Annotated[str, typer.Option(help="CIFAR-10's layout: bin | py")] = "bin",
+                 dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | pneumoniamnist | orl")] = "cifar10"):
+    """Download a data set's official files (needs internet), check the md5 where one is published, and unpack."""
+    from .data import download_dataset
 
-    if layout not in URLS:
-        raise UserError(f"--layout {layout!r} is not bin or py")
-    typer.echo(f"unpacked into {download(root, layout)}")
+    typer.echo(f"wrote {download_dataset(dataset, root, layout)}")
 
 # ---------------------------------------------------------------- the offload system: cloud and client
 
@@ -238,13 +293,15 @@ def serve_cmd(
 @command("publish")
 def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folder, or its .safetensors file")],
                 repo: Annotated[Path, typer.Option("--repo", help="model repository folder")],
-                name: Annotated[str, typer.Option(help="model name")] = "cifar10-resnet18",
+                name: Annotated[Optional[str], typer.Option(help="model name (default: DATASET-resnet18)")] = None,
                 signing_key: Annotated[Optional[Path], typer.Option(
                     "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
     """Add a trained classifier to the repository as the next version (atomically)."""
+    from . import nets
     from .cloud.repository import Repository
 
     weights = run / "classifier.safetensors" if run.is_dir() else run
+    name = name or f"{nets.read_metadata(weights).get('dataset', 'cifar10').split(':')[0]}-resnet18"
     m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
     typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
                f"{', signed' if signing_key else ''})")
@@ -262,15 +319,18 @@ def classify_cmd(
     allow_http: Annotated[bool, typer.Option("--allow-http", help="send the token over plain http to another "
                                                                   "machine (trusted networks only)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
 ):
     """Obfuscate images here and have the cloud classify them; only obfuscated pixels leave this machine.
+    With --ldp-epsilon, each upload is (epsilon, delta)-locally differentially private (docs/threat-model.md).
     The token comes from PRIVOFFLOAD_TOKEN."""
     import os
 
     from .client import Client
 
     with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
-                ca_cert=ca_cert, allow_http=allow_http) as client:
+                ca_cert=ca_cert, allow_http=allow_http, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
+                ldp_clip=ldp_clip) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
             for p, c, lab, pr, v in zip(images, result.classes, result.labels, result.probabilities, result.versions)]
@@ -288,14 +348,15 @@ def reproduce_cmd(
     seeds: Annotated[int, typer.Option(help="independent runs of the whole protocol; the report gives mean and 95 % CI")] = 1,
     jobs: Annotated[int, typer.Option(help="seeds run side by side on this machine, sharing its cores")] = 1,
     ray: Annotated[Optional[str], typer.Option(help="run the seeds as tasks on the Ray cluster at this address")] = None,
-    set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
+    dataset: DatasetOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md."""
+    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md.
+    With --dataset, on that data set (profiles/PROFILE-DATASET.toml where there is one)."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
     from .live import hot_swap_stage
 
     name = auto_profile(device) if profile == "auto" else profile
-    cfg = load_profile(name, set_)
+    cfg = load_profile(name, set_, dataset)
     report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device, after_stages=hot_swap_stage)
     typer.echo(f"report: {report}")
 

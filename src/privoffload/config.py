@@ -7,8 +7,9 @@ are errors, never silently ignored.
 Settings that are not part of a run (they change where or how loudly it runs, never what it computes)
 come from the environment instead:
 
-    PRIVOFFLOAD_DATA        folder holding cifar-10-batches-bin or -py (default: .cache/data in the checkout)
-    PRIVOFFLOAD_SHARED      the shared folder whose data/prepare_cifar10.py builds that cache (default: ../shared)
+    PRIVOFFLOAD_DATA        the data root: cifar-10-batches-bin or -py, pneumoniamnist.npz, the ORL faces' s1/ ... s40/
+                            (default: .cache/data in the checkout)
+    PRIVOFFLOAD_SHARED      the shared folder with the read-only data copies (data/README.md; default: ../shared)
     PRIVOFFLOAD_PROGRESS    0 turns the progress bar off on a terminal (per-epoch lines stay)
     PRIVOFFLOAD_TOKEN, PRIVOFFLOAD_ADMIN_TOKEN   the service's bearer tokens (docs/service.md)
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import tomli_w
 
-from .data import parse_subset
+from .data import check_dataset, parse_size, parse_subset
 from .errors import UserError
 
 
@@ -49,7 +50,38 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class DataConfig:
+    """Which data set a run uses (data/__init__.py), recorded in every run folder's config.toml."""
+
+    dataset: str = "cifar10"  # cifar10 | pneumoniamnist | orl | folder:PATH (your images: PATH/{train,test}/CLASS/*)
+    image_size: str = ""  # HEIGHTxWIDTH, multiples of 8; "" = the data set's default (orl 64x56, pneumoniamnist 32x32)
+
+    def validate(self) -> None:
+        check_dataset(self.dataset)
+        parse_size(self.image_size)
+
+
+@dataclass
+class LdpConfig:
+    """Local differential privacy of each upload (ldp.py): O(x) clipped to an L2 ball and Gaussian noise added,
+    calibrated by the analytic Gaussian mechanism to (epsilon, delta) per upload. epsilon = inf: no noise, exactly
+    the plain upload."""
+
+    epsilon: float = float("inf")
+    delta: float = 1e-5
+    clip: float = 0.0  # L2 radius around mid-grey; 0 = sqrt(C*H*W)/2, the whole pixel cube (nothing is clipped)
+
+    def validate(self, where: str = "ldp") -> None:
+        if not self.epsilon > 0:
+            raise UserError(f"config: {where}.epsilon = {self.epsilon!r} must be > 0 (inf = no noise)")
+        if not 0 < self.delta < 1:
+            raise UserError(f"config: {where}.delta = {self.delta!r} must lie strictly between 0 and 1")
+        if not self.clip >= 0:
+            raise UserError(f"config: {where}.clip = {self.clip!r} must be >= 0")
+
+
+@dataclass
+class TrainConfig(DataConfig):
     """What every trainer shares: how long, on which images, scored on which, how often, from which seed, how fast."""
 
     epochs: int = 1
@@ -64,6 +96,7 @@ class TrainConfig:
     snapshot_every: int = 0  # also keep every N-th epoch's weights in epoch-<N>/ (a run folder of its own); 0 = no
 
     def validate(self) -> None:
+        DataConfig.validate(self)
         for name in ("epochs", "batch_size", "eval_every"):
             _positive(name, getattr(self, name))
         if self.snapshot_every < 0:
@@ -145,6 +178,7 @@ class AttackConfig(TrainConfig):
     recon_loss: str = "mse"  # mse | l1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0,
                                                                    schedule="cosine", warmup_epochs=0.0))
+    ldp: LdpConfig = field(default_factory=LdpConfig)  # the uploads it learns from and is scored on carry this noise
 
     def validate(self) -> None:
         if not self.obfuscator:
@@ -154,13 +188,31 @@ class AttackConfig(TrainConfig):
         _choice("arch", self.arch, ("codec", "unet"))
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
         self.optim.validate("optim")
+        self.ldp.validate()
 
 
 QUERY_KINDS = ("plain", "flip", "mixup", "noise", "lookahead")
 
 
 @dataclass
-class ResyncConfig:
+class IdentifyConfig(ClassifierConfig):
+    """A fresh classifier trained on what the attacker rebuilds from the uploads (ORL: can it tell who it is?).
+    epochs = 0: no such stage."""
+
+    epochs: int = 0
+    attack: str = ""  # attack run folder: its decoder and the obfuscator it attacked
+
+    def validate(self) -> None:
+        if self.epochs == 0:
+            DataConfig.validate(self)
+            return
+        if not self.attack:
+            raise UserError("config: attack is required: the attack run whose reconstructions to classify")
+        super().validate()
+
+
+@dataclass
+class ResyncConfig(DataConfig):
     """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (train/resync.py).
 
     White-box (the cloud publishes the new weights): `steps` steps of the game against them. Black-box (only
@@ -195,6 +247,7 @@ class ResyncConfig:
                                                                              schedule="constant", warmup_epochs=0.0))
 
     def validate(self) -> None:
+        super().validate()
         _choice("mode", self.mode, ("auto", "white-box", "black-box"))
         for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
             _positive(name, getattr(self, name))
@@ -253,6 +306,32 @@ class SweepConfig:
 
 
 @dataclass
+class EpsilonSweepConfig:
+    """What formal privacy costs: one obfuscator's uploads with local-DP noise at each epsilon, scored for accuracy
+    (its own classifier) and attacked by a fresh decoder trained on uploads with that noise."""
+
+    obfuscator: str = ""  # obfuscator run folder; its classifier and data set come from its config
+    epsilons: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0, float("inf")])
+    delta: float = 1e-5
+    clip: float = 0.0  # L2 radius of the upload around mid-grey; 0 = the whole pixel cube (LdpConfig)
+    test_subset: str = "all"  # test images the accuracy is scored on
+    seed: int = 0  # the noise drawn when scoring
+    precision: str = "auto"
+    attack: AttackConfig = field(default_factory=AttackConfig)  # its obfuscator, data set and noise are set per point
+
+    def validate(self) -> None:
+        if not self.obfuscator:
+            raise UserError("config: obfuscator is required: the obfuscator run whose uploads get the noise (--obfuscator RUN)")
+        if not self.epsilons or len(set(self.epsilons)) != len(self.epsilons):
+            raise UserError(f"config: epsilons {self.epsilons} must be a non-empty list without repeats, e.g. 1,4,16,64,inf")
+        for eps in self.epsilons:
+            LdpConfig(eps, self.delta, self.clip).validate("sweep")
+        _subset(self.test_subset)
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        dataclasses.replace(self.attack, obfuscator="(the sweep's obfuscator)").validate()
+
+
+@dataclass
 class RobustConfig:
     """The drift-robust obfuscator (docs/drift-robustness.md): O0 trained on against C0 and stand-ins for the cloud's
     next update, snapshots along one fine-tune of C0 on the client's own images; beside a compute-matched control."""
@@ -273,7 +352,7 @@ class RobustConfig:
 
 
 @dataclass
-class RemapConfig:
+class RemapConfig(DataConfig):
     """The output-mapping baseline beside re-sync: relabel the API's answers on O0's uploads, no game (train/resync.py)."""
 
     queries: int = 4096  # labelled images of the client's, uploaded once through O0, to fit the remapping on
@@ -284,6 +363,7 @@ class RemapConfig:
     precision: str = "auto"
 
     def validate(self) -> None:
+        super().validate()
         _positive("queries", self.queries)
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _subset(self.subset)
@@ -291,13 +371,14 @@ class RemapConfig:
 
 
 @dataclass
-class ScoresConfig:
+class ScoresConfig(DataConfig):
     """The points that enter the protocol's ratios, scored once more, on many test images (inference only)."""
 
     test_subset: str = "all"  # all 10,000 test images: a ratio's two ends carry the least noise
     precision: str = "auto"
 
     def validate(self) -> None:
+        super().validate()
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _subset(self.test_subset)
 
@@ -323,6 +404,8 @@ class ProtocolConfig:
     """A whole reproduction (experiments/protocol.py). Each stage's `classifier`/`init`/`obfuscator` links are filled in there."""
 
     profile: str = "paper"
+    dataset: str = "cifar10"  # every stage's data set (DataConfig); a profile or --dataset sets it
+    image_size: str = ""
     baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
     drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="range:0:45000", flip=True))
@@ -331,11 +414,17 @@ class ProtocolConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
     remap: RemapConfig = field(default_factory=RemapConfig)
+    identify: IdentifyConfig = field(default_factory=IdentifyConfig)  # off unless its epochs > 0
     scores: ScoresConfig = field(default_factory=ScoresConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
 
     def validate(self) -> None:
         _choice("profile", self.profile, PROFILES)
+        DataConfig.validate(self)  # type: ignore[arg-type]
+        for stage in (self.baseline_classifier, self.baseline_obfuscator, self.drift, self.recovery, self.attack,
+                      self.robust.trajectory, self.robust.attack, self.resync, self.remap, self.scores, self.identify,
+                      self.live.resync):
+            stage.dataset, stage.image_size = self.dataset, self.image_size  # every stage works on the protocol's data
         self.live.validate()
 
 

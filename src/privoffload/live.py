@@ -30,10 +30,8 @@ from .cloud.app import create_app
 from .cloud.auth import Tokens
 from .cloud.repository import Repository, new_key_pair
 from .config import DriftConfig, LiveConfig, ProtocolConfig, ServeConfig
-from .data import Cifar10, load_cifar10, select
+from .data import Dataset, load_dataset, select
 from .runs import RunDir, is_done
-
-MODEL = "cifar10-resnet18"
 
 
 class LoopbackServer:
@@ -61,7 +59,7 @@ class LoopbackServer:
         self.sock.close()
 
 
-def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Cifar10 | None = None, data_root=None,
+def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Dataset | None = None, data_root=None,
                    device: str = "cpu") -> Path | None:
     """Run the live hot swap for one seed's folder (after its stages); a finished one is kept."""
     live: LiveConfig = cfg.live
@@ -72,13 +70,14 @@ def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Cifar10 | None = 
     run.start(live, resume=True)
     if is_done(out):
         return out
-    data = data or load_cifar10(data_root)
+    data = data or load_dataset(cfg.dataset, data_root, cfg.image_size)
     x_test, y_test = select(data, live.test_subset, split="test")
     x_own, y_own = select(data, live.resync.subset, live.resync.seed)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     for name in ("robust", "o0"):
         if (folder / name / "obfuscator.safetensors").exists():
-            record = swap_once(folder, name, out, x_test, y_test, x_own, y_own, live)
+            record = swap_once(folder, name, out, x_test, y_test, x_own, y_own, live,
+                               model=f"{cfg.dataset.split(':')[0]}-resnet18")
             run.log(record)
             print(f"live {name}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
                   f"after the automatic re-sync {record['after_resync']:.4f}", flush=True)
@@ -87,24 +86,24 @@ def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Cifar10 | None = 
 
 
 def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.ndarray, x_own: np.ndarray,
-              y_own: np.ndarray, live: LiveConfig) -> dict:
+              y_own: np.ndarray, live: LiveConfig, model: str = "cifar10-resnet18") -> dict:
     """One client, one swap: C0 serving, classify; publish and load the drifted C, classify; re-sync, classify."""
     work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))
     try:
         private, public = new_key_pair(work)
         repo = Repository(work / "models")
-        repo.publish(folder / "c0" / "classifier.safetensors", MODEL, source="c0", signing_key=private)
+        repo.publish(folder / "c0" / "classifier.safetensors", model, source="c0", signing_key=private)
         inference, admin = secrets.token_hex(24), secrets.token_hex(24)
         serve = ServeConfig(repo=str(repo.root), device="cpu", serve_weights=True)
         state = ClientState.create(folder / obfuscator, work / "client", model_version="1")
         resync = dataclasses.replace(live.resync, mode="white-box")
         with LoopbackServer(serve, Tokens.of(inference, admin)) as server, \
                 AutoSyncClient(server.url, state.path, x_own, y_own, drift=DriftConfig(reclassify=False),
-                               resync_cfg=resync, token=inference, publisher_key=public) as client:
+                               resync_cfg=resync, token=inference, publisher_key=public, model=model) as client:
             t0 = time.perf_counter()
             before = client.classify(x)
-            repo.publish(folder / "drift" / "classifier.safetensors", MODEL, source="drift", signing_key=private)
-            loaded = httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={},
+            repo.publish(folder / "drift" / "classifier.safetensors", model, source="drift", signing_key=private)
+            loaded = httpx.post(f"{server.url}/v2/repository/models/{model}/load", json={},
                                 headers={"Authorization": f"Bearer {admin}"}, timeout=120)
             loaded.raise_for_status()
             after_swap = client.classify(x)  # answered by the new model; the client notices and re-syncs afterwards

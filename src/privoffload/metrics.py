@@ -13,8 +13,12 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from typing import Callable
+
 from .data import DeviceData, quantize8
 from .runtime import Dist, autocast
+
+Noise = Callable[[torch.Tensor], torch.Tensor]  # local-DP noise on O(x) before the 8-bit rounding (ldp.Noisy)
 
 # Images per forward pass when scoring. Small batches keep the codec's full-resolution activations in cache: on a
 # 2-core CPU, 128 images at a time run the width-8 codec 4.5x and the width-16 ResNet18 1.6x faster than 1,000.
@@ -75,12 +79,12 @@ def accuracy(classifier: nn.Module, data: DeviceData, *, bf16: bool = False, bat
 @torch.no_grad()
 def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, *, deobf: nn.Module | None = None,
                        unquantized: bool = True, bf16: bool = False, batch_size: int = EVAL_BATCH,
-                       dist: Dist = Dist()) -> dict[str, float]:
+                       dist: Dist = Dist(), noise: Noise | None = None) -> dict[str, float]:
     """Utility and privacy of an obfuscator side by side, with O run once per image.
 
     `quantized_obfuscated_accuracy` (C on the 8-bit upload, what the cloud receives), `obfuscated_accuracy`
     (C on O(x) before rounding; skipped with unquantized=False) and, given a deobfuscator, its
-    `deobfuscator_psnr_db` / `deobfuscator_ssim` on the upload.
+    `deobfuscator_psnr_db` / `deobfuscator_ssim` on the upload. With `noise`, the upload is the noisy one.
     """
     names = ("quantized",) + (("obfuscated",) if unquantized else ()) + (("psnr", "ssim") if deobf is not None else ())
     sums = _Sums(names, data.device)
@@ -88,6 +92,8 @@ def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, 
         for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
             with autocast(data.device, bf16):
                 z = obf(xb).float()
+                if noise is not None:
+                    z = noise(z).clamp(0, 1)
                 upload = quantize8(z)
                 scores = {"quantized": classifier(upload).argmax(1) == yb}
                 if unquantized:
@@ -121,8 +127,8 @@ def upload_accuracies(classifiers: dict[str, nn.Module], obf: nn.Module, data: D
 
 @torch.no_grad()
 def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *, bf16: bool = False,
-                           batch_size: int = EVAL_BATCH, dist: Dist = Dist()) -> tuple[float, float]:
-    """Mean per-image (PSNR in dB, SSIM) of deobf(quantize8(obf(x))) against x over `data`.
+                           batch_size: int = EVAL_BATCH, dist: Dist = Dist(), noise: Noise | None = None) -> tuple[float, float]:
+    """Mean per-image (PSNR in dB, SSIM) of deobf(quantize8(obf(x))) against x over `data` (with `noise` on O(x)).
 
     `bf16` is the precision of the two networks' forward passes; the scores are computed in fp32.
     """
@@ -130,7 +136,8 @@ def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *
     with _EvalMode(obf, deobf):
         for xb, _ in data.batches(batch_size, rank=dist.rank, world=dist.world):
             with autocast(data.device, bf16):
-                rec = deobf(quantize8(obf(xb).float()))
+                z = obf(xb).float()
+                rec = deobf(quantize8(z if noise is None else noise(z)))
             psnr, ssim = psnr_ssim(rec, xb)
             sums.add(len(xb), psnr=psnr, ssim=ssim)
     m = sums.means(dist)

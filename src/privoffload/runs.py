@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,18 @@ def run_weights(run: str | Path, filename: str, what: str) -> Path:
     if not path.exists():
         raise UserError(f"{run} has no {filename}; is it a {what} run that finished an epoch?")
     return path
+
+
+def run_dataset(run: str | Path) -> tuple[str, str]:
+    """(dataset, image_size) a run folder's config.toml names; CIFAR-10 for runs from before data sets were a setting."""
+    path = Path(run) / "config.toml"
+    try:
+        saved = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run} has no config.toml; is it a run folder?") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    return str(saved.get("dataset", "cifar10")), str(saved.get("image_size", ""))
 
 
 def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> nn.Module:

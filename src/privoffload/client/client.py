@@ -29,15 +29,16 @@ from typing import Callable, Iterator, NamedTuple
 
 import httpx
 import numpy as np
+import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .. import oip
+from .. import ldp, oip
 from ..errors import UserError
 from ..runtime import atomic_path
 from .images import read_images
-from .obfuscator import Obfuscate, load_obfuscator, quantize
+from .obfuscator import Obfuscate, load_obfuscator, quantize, shape_of
 
 DEFAULT_MODEL = "cifar10-resnet18"
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
@@ -127,7 +128,8 @@ class Client:
                  binary: bool = True, images_per_request: int = 256, model_version: str | None = None,
                  on_version_change: VersionHook | None = None, ca_cert: str | Path | None = None,
                  allow_http: bool = False, publisher_key: str | Path | None = None, max_download_mb: float = 512.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, ldp_epsilon: float = float("inf"),
+                 ldp_delta: float = 1e-5, ldp_clip: float = 0.0):
         try:
             url = httpx.URL(server)
             valid = server.startswith(("http://", "https://")) and bool(url.host)
@@ -140,6 +142,9 @@ class Client:
                               f"read it; use https, or allow_http (--allow-http) on a network you trust")
         self.publisher_key = load_publisher_key(publisher_key) if publisher_key else None
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
+        # local DP (opt-in): every upload clipped and noised, fresh noise from the OS's entropy; inf = none
+        mech = ldp.mechanism(ldp_epsilon, ldp_delta, shape_of(self.obfuscate), ldp_clip)
+        self.noise = ldp.Noisy(mech) if mech else None
         self.server, self.model = server.rstrip("/"), model
         self.url = f"{self.server}/v2/models/{model}/infer"
         self.timeout, self.retries, self.backoff, self.binary = timeout, retries, backoff, binary
@@ -163,14 +168,20 @@ class Client:
     # ---- the public calls
 
     def classify(self, images: np.ndarray) -> Result:
-        """Images (uint8 [N, 3, 32, 32], or floats in [0, 1]) -> classes; only O(x) leaves the device."""
-        return self.send(quantize(self.obfuscate(images)))
+        """Images (uint8 [N, C, H, W] of the obfuscator's shape, or floats in [0, 1]) -> classes; only O(x) (with
+        the local-DP noise where it is on) leaves the device."""
+        return self.send(quantize(self.upload(images)))
+
+    def upload(self, images: np.ndarray) -> np.ndarray:
+        """O(x) as floats, with the local-DP noise where it is on (before the 8-bit rounding that clamps it)."""
+        z = self.obfuscate(images)
+        return z if self.noise is None else self.noise(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy()
 
     def classify_files(self, paths: list[str | Path]) -> Result:
-        return self.classify(read_images(paths))
+        return self.classify(read_images(paths, shape_of(self.obfuscate)))
 
     def send(self, pixels: np.ndarray, on_upload: UploadHook | None = None) -> Result:
-        """Upload already-obfuscated uint8 pixels [N, 3, 32, 32], in requests of `images_per_request`.
+        """Upload already-obfuscated uint8 pixels [N, C, H, W], in requests of `images_per_request`.
 
         `on_upload(images, attempt)` is called before every upload, retries included (a query budget)."""
         parts = [self._infer(pixels[i:i + self.images_per_request], on_upload)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .. import nets
 from ..errors import UserError
 
 BACKENDS = ("auto", "onnx", "torch", "torch-bf16", "eager")
@@ -59,7 +60,7 @@ def to_onnx(model: nn.Module) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), buf, dynamo=False, input_names=["x"], output_names=["y"],
+        torch.onnx.export(model, (torch.rand(1, *nets.image_shape(model)),), buf, dynamo=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17)
     return buf.getvalue()
 
@@ -75,7 +76,7 @@ def onnx_session(model: nn.Module):
 
 
 class FastObfuscator:
-    """Callable: float images [N, 3, 32, 32] in [0, 1] -> obfuscated float images, on the CPU.
+    """Callable: float images [N, C, H, W] in [0, 1] (the codec's own shape) -> obfuscated float images, on the CPU.
 
     `threads` chunks run side by side (each chunk on one thread); one image always runs on one.
     """
@@ -89,6 +90,7 @@ class FastObfuscator:
         self.threads = max(1, threads or torch.get_num_threads())
         model = getattr(model, "module", model)  # unwrap DDP
         model = copy.deepcopy(model).float().cpu().eval()
+        self.shape = nets.image_shape(model)
         self._pool: ThreadPoolExecutor | None = None
         if backend == "auto":
             backend = "torch"
@@ -117,8 +119,8 @@ class FastObfuscator:
             return self._net(x).float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
-            raise UserError(f"the obfuscator takes images [N, 3, 32, 32], got {list(x.shape)}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.shape:
+            raise UserError(f"the obfuscator takes images [N, {', '.join(map(str, self.shape))}], got {list(x.shape)}")
         x = x.detach().to("cpu", torch.float32).contiguous()
         if self.backend == "eager" or len(x) <= self.chunk:
             return self._run(x)

@@ -1,7 +1,8 @@
 """The one way the client gets its obfuscator: `load_obfuscator(path)` -> a function on image batches.
 
 Everything that obfuscates on the device goes through this function, so a faster inference path
-(another runtime, another precision) plugs in here and nowhere else.
+(another runtime, another precision) plugs in here and nowhere else. The function's `shape` is the
+(channels, height, width) of the images the obfuscator was trained on, from its file's metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import UserError
 
 Obfuscate = Callable[[np.ndarray], np.ndarray]
 WEIGHTS = "obfuscator.safetensors"
+CIFAR_SHAPE = (3, 32, 32)  # what an obfuscator function without a `shape` takes
 
 
 def obfuscator_path(path: str | Path) -> Path:
@@ -30,13 +32,19 @@ def obfuscator_path(path: str | Path) -> Path:
     return path
 
 
-def as_float_images(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels 0..255 or floats in [0, 1], [N, 3, 32, 32] (or one [3, 32, 32]) -> float32 in [0, 1]."""
+def shape_of(obfuscate: Obfuscate) -> tuple[int, int, int]:
+    """(channels, height, width) an obfuscator function takes."""
+    return tuple(getattr(obfuscate, "shape", CIFAR_SHAPE))
+
+
+def as_float_images(images: np.ndarray, shape: tuple[int, int, int] = CIFAR_SHAPE) -> np.ndarray:
+    """uint8 pixels 0..255 or floats in [0, 1], [N, *shape] (or one image) -> float32 in [0, 1]."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[None]
-    if arr.ndim != 4 or arr.shape[1:] != (3, 32, 32) or len(arr) == 0:
-        raise UserError(f"images must be [N, 3, 32, 32] (channels first), got shape {list(arr.shape)}")
+    if arr.ndim != 4 or arr.shape[1:] != tuple(shape) or len(arr) == 0:
+        raise UserError(f"images must be [N, {', '.join(map(str, shape))}] (channels first) for this obfuscator, "
+                        f"got shape {list(arr.shape)}")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255
     if arr.dtype.kind != "f":
@@ -54,6 +62,7 @@ def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256
     `backend="eager"` keeps plain PyTorch.
     """
     net = nets.load(obfuscator_path(path), expect="codec", device=device).eval()
+    shape = nets.image_shape(net)
     run = net
     if torch.device(device).type == "cpu" and backend != "eager":
         from .fast import fast_obfuscator
@@ -62,10 +71,11 @@ def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256
 
     @torch.inference_mode()
     def obfuscate(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(as_float_images(images))
+        x = torch.from_numpy(as_float_images(images, shape))
         out = [run(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy()
 
+    obfuscate.shape = shape
     return obfuscate
 
 

@@ -81,7 +81,7 @@ def resync(state: ClientState, client: Client, images: np.ndarray, labels: np.nd
     data = DeviceData(images, labels, device)
     version = client.last_version
     if version is None:  # nothing classified yet: one upload tells which version serves
-        version = client.send(np.zeros((1, 3, 32, 32), np.uint8)).model_version
+        version = client.send(np.zeros((1, *nets.image_shape(obf)), np.uint8)).model_version
     if cfg.mode == "white-box" and client.publisher_key is None:
         raise UserError("white-box re-sync needs the publisher's public key (publisher_key=...) to check the "
                         "downloaded weights; without it, use black-box")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import zlib
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -38,7 +39,7 @@ from ..runtime import pick_device
 from . import schemas, tensors
 from .auth import Tokens, admin_access, inference_access, metrics_access
 from .batching import Overloaded, VersionGone
-from .repository import LoadedModel, Repository, parse_version
+from .repository import LoadedModel, Manifest, Repository, parse_version
 from .schemas import ApiError
 from .store import ModelStore
 from .telemetry import Metrics, Observe, event
@@ -46,7 +47,6 @@ from .telemetry import Metrics, Observe, event
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 PARSE_INLINE_BYTES = 256 * 1024  # bodies below this are decoded on the event loop (about a millisecond)
 SMALL_BODY = 4096  # index and load take a few parameters
-IMAGE_VALUES = 3 * 32 * 32
 CLOSE = {"Connection": "close"}
 Name = Annotated[str, Path(description="model name", examples=["cifar10-resnet18"])]
 Version = Annotated[str, Path(description="version number", examples=["1"])]
@@ -78,10 +78,11 @@ def existing_version(request: Request, name: str, version: str) -> int:
     return v
 
 
-def infer_limit(cfg: ServeConfig) -> int:
-    """The largest inference body `max_request_images` can need: JSON pixels of up to 6 bytes ("255, "), binary
-    FP32 of 4, and room for the rest; never above max_body_mb. A larger body could only be slow to parse."""
-    return min(int(cfg.max_body_mb * 2**20), cfg.max_request_images * IMAGE_VALUES * 6 + 64 * 1024)
+def infer_limit(cfg: ServeConfig, shape: tuple[int, int, int]) -> int:
+    """The largest inference body `max_request_images` of the model's `shape` can need: JSON pixels of up to 6 bytes
+    ("255, "), binary FP32 of 4, and room for the rest; never above max_body_mb. A larger body could only be slow
+    to parse."""
+    return min(int(cfg.max_body_mb * 2**20), cfg.max_request_images * math.prod(shape) * 6 + 64 * 1024)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -194,8 +195,9 @@ def server_metadata():
 models = APIRouter(tags=["models"], dependencies=[Depends(inference_access)], responses=schemas.ERRORS)
 
 
-def model_metadata(classes: int, name: str, version: int) -> dict:
-    inputs, outputs = tensors.metadata(classes)
+def model_metadata(m: Manifest, name: str, version: int) -> dict:
+    """A manifest's tensors: its input shape and class count."""
+    inputs, outputs = tensors.metadata(len(m.classes), m.shape)
     return {"name": name, "versions": [str(version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs}
 
 
@@ -203,13 +205,13 @@ def model_metadata(classes: int, name: str, version: int) -> dict:
 def metadata(request: Request, name: Name):
     """Inputs, outputs and the version being served."""
     m = served(request, name).manifest
-    return model_metadata(len(m.classes), name, m.version)
+    return model_metadata(m, name, m.version)
 
 
 @models.get("/v2/models/{name}/versions/{version}", response_model=schemas.ModelMetadata)
 def version_metadata(request: Request, name: Name, version: Version):
     v = existing_version(request, name, version)
-    return model_metadata(len(store_of(request).repo.manifest(name, v).classes), name, v)
+    return model_metadata(store_of(request).repo.manifest(name, v), name, v)
 
 
 @models.get("/v2/models/{name}/ready", response_model=schemas.ModelReady)
@@ -237,12 +239,12 @@ async def infer(request: Request, name: str, version: str | None, header_length:
         raise ApiError(400, f"version {pinned} of {name!r} is not loaded; version {model.version} is serving")
     if header_length is None:
         check_json_type(request)
-    encoding, limit = encoding_of(request), infer_limit(cfg)
+    encoding, limit = encoding_of(request), infer_limit(cfg, model.manifest.shape)
     body = await read_body(request, limit)
 
     def parse():
         header, tail = oip.split_body(inflate(body, encoding, limit), header_length)
-        return tensors.parse_request(header, tail, cfg.max_request_images)
+        return tensors.parse_request(header, tail, cfg.max_request_images, model.manifest.shape)
 
     if len(body) < PARSE_INLINE_BYTES and encoding == "identity":
         x, outputs, request_id = parse()

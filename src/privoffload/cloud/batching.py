@@ -43,7 +43,7 @@ class Overloaded(Exception):
 
 @dataclass
 class Job:
-    x: torch.Tensor  # float [n, 3, 32, 32] in [0, 1]
+    x: torch.Tensor  # float [n, C, H, W] in [0, 1] (the model's shape)
     version: int | None  # a pinned version, or None for whichever is current
     deadline: float  # time.monotonic() after which the job is dropped unrun
     future: asyncio.Future

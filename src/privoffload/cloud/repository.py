@@ -1,7 +1,7 @@
 """The model repository on disk: one folder per model name, one numbered folder per version.
 
     REPO/cifar10-resnet18/1/model.safetensors
-    REPO/cifar10-resnet18/1/manifest.json   {name, version, architecture, width, classes, created, sha256, source}
+    REPO/cifar10-resnet18/1/manifest.json   {name, version, architecture, width, classes, created, sha256, source, shape}
     REPO/cifar10-resnet18/1/manifest.sig    base64 Ed25519 signature of manifest.json (with `publish --signing-key`)
 
 A version is published by building it in a hidden temporary folder and renaming that folder to the
@@ -10,7 +10,9 @@ all (0644, 0755: the server may run as another user) and synced to disk before a
 rename. Loading a version reads its file once, then checks those bytes: their sha256 against the
 manifest, the architecture they hold against the manifest, and that the weights fit; only then is
 the model handed out. A version that cannot be read is refused with the reason, like a damaged one.
-Messages name versions (`cifar10-resnet18 version 3`), never paths on the server.
+Messages name versions (`cifar10-resnet18 version 3`), never paths on the server. The input shape
+(channels, height, width) and the class names come from the classifier file's metadata (`nets`); files
+and manifests from before they were recorded are CIFAR-10's: 3x32x32 and its ten classes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from ..data import CLASSES
 from ..errors import UserError
 from ..runtime import fsync_dir
 
+CIFAR_SHAPE = (3, 32, 32)
+
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -53,14 +57,15 @@ class Manifest:
     created: str
     sha256: str
     source: str = ""
+    shape: tuple[int, int, int] = CIFAR_SHAPE  # the images it takes: channels, height, width
 
     @property
     def signature(self) -> tuple:
         """What clients see of a model (its tensors): versions of one name must agree on it."""
-        return (self.architecture, self.width, self.classes)
+        return (self.architecture, self.width, self.classes, self.shape)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "classes": list(self.classes)}, indent=1)
+        return json.dumps({**asdict(self), "classes": list(self.classes), "shape": list(self.shape)}, indent=1)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class LoadedModel:
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> np.ndarray:
-        """Float images [N, 3, 32, 32] in [0, 1] -> class probabilities [N, classes] (float32)."""
+        """Float images [N, *shape] in [0, 1] -> class probabilities [N, classes] (float32)."""
         logits = self.model(x.to(self.device, non_blocking=True))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
@@ -171,7 +176,10 @@ class Repository:
             raw = json.loads(raw)
             m = Manifest(name=raw["name"], version=int(raw["version"]), architecture=raw["architecture"],
                          width=int(raw["width"]), classes=tuple(raw["classes"]), created=raw["created"],
-                         sha256=raw["sha256"], source=raw.get("source", ""))
+                         sha256=raw["sha256"], source=raw.get("source", ""),
+                         shape=tuple(int(v) for v in raw.get("shape", CIFAR_SHAPE)))
+            if len(m.shape) != 3:
+                raise ValueError(f"shape {list(m.shape)[:5]} is not [channels, height, width]")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{where} has no valid {MANIFEST} ({type(e).__name__}: {str(e)[:100]})") from None
         if (m.name, m.version) != (name, version):
@@ -224,8 +232,10 @@ class Repository:
         model = nets.load_bytes(data, file, expect=ARCHITECTURE)
         if model.fc.out_features != len(m.classes):
             raise UserError(f"{where}: the network has {model.fc.out_features} outputs, the manifest lists {len(m.classes)} classes")
+        if nets.image_shape(model) != m.shape:
+            raise UserError(f"{where} takes {nets.image_shape(model)} images, its manifest says {m.shape}")
         loaded = LoadedModel(m, model.to(device).eval(), torch.device(device))
-        probs = loaded.predict(torch.full((2, 3, 32, 32), 0.5))  # a forward pass proves it runs here
+        probs = loaded.predict(torch.full((2, *m.shape), 0.5))  # a forward pass proves it runs here
         if probs.shape != (2, len(m.classes)) or not np.isfinite(probs).all():
             raise UserError(f"{where} gives non-finite or misshapen outputs; refusing it")
         return loaded
@@ -241,11 +251,12 @@ class Repository:
         if meta.get("arch") != ARCHITECTURE:
             raise UserError(f"{weights} holds a {str(meta.get('arch'))[:20]}, not a {ARCHITECTURE} classifier; "
                             f"only classifiers are published")
-        width = nets.load_bytes(data, str(weights), expect=ARCHITECTURE).width  # proves the weights fit
+        model = nets.load_bytes(data, str(weights), expect=ARCHITECTURE)  # proves the weights fit
+        width, classes, shape = model.width, class_names(meta, weights), nets.image_shape(model)
         versions = self.versions(name)
         if versions:
             last = self.manifest(name, versions[-1])
-            if (ARCHITECTURE, width, CLASSES) != last.signature:
+            if (ARCHITECTURE, width, classes, shape) != last.signature:
                 raise UserError(f"{name} holds {_sig(last)} models, {weights} is a {ARCHITECTURE} of width {width}; "
                                 f"publish it under another --name")
         folder = self.root / name
@@ -257,8 +268,8 @@ class Repository:
             created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             version = (versions[-1] if versions else 0) + 1
             while True:  # another publisher may take a number first: rename refuses, try the next one
-                m = Manifest(name, version, ARCHITECTURE, width, CLASSES, created, hashlib.sha256(data).hexdigest(),
-                             source or str(weights))
+                m = Manifest(name, version, ARCHITECTURE, width, classes, created, hashlib.sha256(data).hexdigest(),
+                             source or str(weights), shape)
                 _write(tmp / MANIFEST, m.to_json().encode())
                 if sign:
                     _write(tmp / SIGNATURE, base64.b64encode(sign(m.to_json().encode())) + b"\n")
@@ -274,6 +285,22 @@ class Repository:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def class_names(meta: dict[str, str], name: str | Path) -> tuple[str, ...]:
+    """A classifier file's class names: its `classes` metadata, else CIFAR-10's for a 10-class file without them."""
+    count = int(meta.get("num_classes", "10"))
+    if "classes" not in meta:
+        if count != len(CLASSES):
+            raise UserError(f"{name} names none of its {count} classes; train it again to record them")
+        return CLASSES
+    try:
+        names = json.loads(meta["classes"])
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) and 0 < len(n) <= 200 for n in names):
+        raise UserError(f"{name}: its class names do not match its {count} classes; train it again")
+    return tuple(names)
 
 
 def _complete(version_folder: Path) -> bool:
@@ -293,4 +320,4 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def _sig(m: Manifest) -> str:
-    return f"{m.architecture} of width {m.width} with {len(m.classes)} classes"
+    return f"{m.architecture} of width {m.width} with {len(m.classes)} classes on {'x'.join(map(str, m.shape))} images"

@@ -1,6 +1,7 @@
 """The classifier's tensors in protocol terms: check an inference request, build its response.
 
-Input `images`: UINT8 pixels 0..255 or FP32 in [0, 1], shape [N, 3, 32, 32]. Outputs:
+Input `images`: UINT8 pixels 0..255 or FP32 in [0, 1], shape [N, C, H, W], the model's own (its manifest's
+`shape`; 3x32x32 for CIFAR-10). Outputs:
 `probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the class names).
 """
 
@@ -17,17 +18,21 @@ INPUT_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = ("probabilities", "class", "label")
 
 
-def metadata(classes: int) -> tuple[list[dict], list[dict]]:
+CIFAR_SHAPE = (3, 32, 32)
+
+
+def metadata(classes: int, shape: tuple[int, int, int] = CIFAR_SHAPE) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) of the model metadata. UINT8 is the canonical input; FP32 is accepted too."""
-    inputs = [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
+    inputs = [{"name": INPUT, "datatype": "UINT8", "shape": [-1, *shape]}]
     outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
                {"name": "class", "datatype": "INT64", "shape": [-1]},
                {"name": "label", "datatype": "BYTES", "shape": [-1]}]
     return inputs, outputs
 
 
-def parse_request(header: dict, tail: memoryview, max_images: int) -> tuple[torch.Tensor, list[tuple[str, bool]], str | None]:
-    """-> (float images [N, 3, 32, 32] in [0, 1], [(output, binary)], request id). WireError if malformed."""
+def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[int, int, int] = CIFAR_SHAPE
+                  ) -> tuple[torch.Tensor, list[tuple[str, bool]], str | None]:
+    """-> (float images [N, *shape] in [0, 1], [(output, binary)], request id). WireError if malformed."""
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("id must be a string")
@@ -42,9 +47,9 @@ def parse_request(header: dict, tail: memoryview, max_images: int) -> tuple[torc
         raise WireError(f"unknown input {str(spec.get('name'))[:40]!r}; the model takes {INPUT!r}")
     if spec.get("datatype") not in INPUT_DATATYPES:
         raise WireError(f"input datatype must be UINT8 (pixels 0..255) or FP32 (in [0, 1]), got {str(spec.get('datatype'))[:20]!r}")
-    shape = oip.read_shape(spec)
-    if len(shape) != 4 or shape[1:] != [3, 32, 32] or not 1 <= shape[0] <= max_images:
-        raise WireError(f"input shape must be [N, 3, 32, 32] with 1 <= N <= {max_images}, got {shape[:6]}")
+    got = oip.read_shape(spec)
+    if len(got) != 4 or got[1:] != list(shape) or not 1 <= got[0] <= max_images:
+        raise WireError(f"input shape must be [N, {', '.join(map(str, shape))}] with 1 <= N <= {max_images}, got {got[:6]}")
     arr, used = oip.read_tensor(spec, tail, 0)
     if used != len(tail):
         raise WireError(f"{len(tail) - used} bytes of binary data belong to no input")

@@ -30,16 +30,16 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def _hwc(image) -> np.ndarray:
-    """[3, H, W] floats in [0, 1] (tensor or array) -> [H, W, 3] for imshow."""
+    """[C, H, W] floats in [0, 1] (tensor or array; C = 1 or 3) -> [H, W, 3] for imshow."""
     a = np.asarray(image.detach().cpu().float() if hasattr(image, "detach") else image, dtype=np.float32)
-    return np.clip(a.transpose(1, 2, 0), 0, 1)
+    return np.clip(np.repeat(a, 3, 0) if a.shape[0] == 1 else a, 0, 1).transpose(1, 2, 0)
 
 
 def sample_grid(rows: Mapping[str, Sequence], path: str | Path, *, title: str = "",
                 column_labels: Sequence[str] | None = None) -> Path:
     """Fig. 4: one row per label (original, obfuscated, reconstructed, ...), one column per image.
 
-    `rows` maps a row label to images [N, 3, H, W] in [0, 1]; every row has the same N.
+    `rows` maps a row label to images [N, C, H, W] in [0, 1] (C = 1 grey or 3); every row has the same N.
     """
     labels = list(rows)
     n = len(rows[labels[0]])
@@ -172,4 +172,42 @@ def cost_curve(lines: Mapping[str, Sequence[tuple[float, Estimate]]], target: fl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("How far the robust obfuscator is from surviving the update", fontsize=10)
+    return _save(fig, path)
+
+
+def epsilon_sweep(points: Sequence[Mapping], path: str | Path, *, title: str = "What local differential privacy costs") -> Path:
+    """Accuracy on the noisy upload and the fresh attacker's PSNR / SSIM against epsilon (log axis; no noise drawn
+    at the right as epsilon = inf). Each point needs `epsilon` (a number or "inf"), `quantized_obfuscated_accuracy`,
+    `attacker_psnr_db`, `attacker_ssim`, and may have `clean_accuracy` and `chance`."""
+    finite = sorted(float(p["epsilon"]) for p in points if p["epsilon"] != "inf")
+    inf_x = (finite[-1] * 8) if finite else 1.0
+
+    def x(p):
+        return inf_x if p["epsilon"] == "inf" else float(p["epsilon"])
+
+    pts = sorted(points, key=x)
+    xs = [x(p) for p in pts]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(xs, [100 * p["quantized_obfuscated_accuracy"] for p in pts], "o-", label="C on the noisy 8-bit upload")
+    if "clean_accuracy" in pts[0]:
+        left.axhline(100 * pts[0]["clean_accuracy"], color="grey", lw=0.8, ls=":", label="C on clean images")
+    if "chance" in pts[0]:
+        left.axhline(100 * pts[0]["chance"], color="black", lw=0.8, ls="--", label="chance")
+    left.set_ylabel("test accuracy (%)")
+    left.set_ylim(0, 100)
+    right.plot(xs, [p["attacker_psnr_db"] for p in pts], "s-", color="C3", label="PSNR (dB)")
+    right.set_ylabel("fresh attacker's PSNR (dB, lower = more private)")
+    twin = right.twinx()
+    twin.plot(xs, [p["attacker_ssim"] for p in pts], "^--", color="C2", label="SSIM")
+    twin.set_ylabel("SSIM")
+    twin.set_ylim(0, 1)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [("∞" if p["epsilon"] == "inf" else f"{float(p['epsilon']):g}") for p in pts])
+        ax.minorticks_off()
+        ax.set_xlabel(f"ε per upload (δ = {pts[0].get('delta', '?')})")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.legend(handles=right.get_lines() + twin.get_lines(), fontsize=8)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

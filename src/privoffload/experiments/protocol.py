@@ -11,6 +11,8 @@
     drift     experiment 1: C goes on from C0 (all images, flips); O0 (and the robust O) measured on the current C
     recovery  experiment 2: O and D go on from O0 against the final C
     attack    a fresh attacker against the final obfuscator: the privacy number that counts
+    identify  (where the profile asks) a fresh classifier trained on that attacker's reconstructions: does the class
+              (ORL: who it is) survive the reconstruction?
     attack-o0, attack-robust   fresh attackers against O0 and the robust O: is their privacy the same?
     whitebox  beyond the paper: re-sync O0 to the final C from its published weights, in a budget of steps
     blackbox  beyond the paper: re-sync O0 from the final C's API answers alone, queries counted and capped
@@ -44,12 +46,13 @@ import torch
 
 from .. import config as config_mod
 from .. import nets
-from ..config import (PROFILES, AttackConfig, ClassifierConfig, ObfuscatorConfig, ProtocolConfig, RemapConfig, ResyncConfig,
-                      ScoresConfig)
-from ..data import Cifar10, DeviceData, load_cifar10, select, subset_indices, to_pixels
+from ..config import (PROFILES, AttackConfig, ClassifierConfig, IdentifyConfig, ObfuscatorConfig, ProtocolConfig, RemapConfig,
+                      ResyncConfig, ScoresConfig)
+from ..data import Dataset, DeviceData, load_dataset, select, subset_indices, to_pixels
 from ..errors import UserError
 from ..metrics import accuracy, obfuscation_scores, upload_accuracies
 from ..privacy.attack import train_attack
+from ..privacy.identify import train_identify
 from ..runs import RunDir, is_done, load_classifier, load_codec
 from ..runtime import atomic_write_text, autocast, frozen, pick_device, use_bf16
 
@@ -60,10 +63,13 @@ from ..train.resync import Budget, black_box, complete, fit_remap, game_lambda, 
 from .report import write_report
 
 
-def profile_path(name: str) -> Path:
+def profile_path(name: str, dataset: str = "cifar10") -> Path:
+    """profiles/NAME-DATASET.toml where there is one (sizes that fit that data set), else profiles/NAME.toml."""
     if name not in PROFILES:
         raise UserError(f"profile {name!r} is not one of {', '.join(PROFILES)}")
-    return Path(str(resources.files("privoffload.experiments") / "profiles" / f"{name}.toml"))
+    folder = resources.files("privoffload.experiments") / "profiles"
+    own = folder / f"{name}-{dataset}.toml"
+    return Path(str(own if own.is_file() else folder / f"{name}.toml"))
 
 
 def auto_profile(device: str = "auto") -> str:
@@ -71,8 +77,9 @@ def auto_profile(device: str = "auto") -> str:
     return "paper" if pick_device(device).type == "cuda" else "quick"
 
 
-def load_profile(name: str, sets: list[str] | None = None) -> ProtocolConfig:
-    return config_mod.load(ProtocolConfig, profile_path(name), sets=sets, overrides={"profile": name})
+def load_profile(name: str, sets: list[str] | None = None, dataset: str | None = None) -> ProtocolConfig:
+    path = profile_path(name, dataset or "cifar10")
+    return config_mod.load(ProtocolConfig, path, sets=sets, overrides={"profile": name, "dataset": dataset})
 
 
 def stage_configs(cfg: ProtocolConfig, out: Path, seed: int = 0) -> dict[str, Any]:
@@ -100,12 +107,14 @@ def stage_configs(cfg: ProtocolConfig, out: Path, seed: int = 0) -> dict[str, An
         "attack": replace(cfg.attack, obfuscator=str(out / "recovery")),
         **({"attack-o0": replace(r.attack, obfuscator=str(out / "o0")),
             "attack-robust": replace(r.attack, obfuscator=str(out / "robust"))} if robust_stages else {}),
+        **({"identify": replace(cfg.identify, attack=str(out / "attack"))} if cfg.identify.epochs else {}),
         "whitebox": replace(cfg.resync, mode="white-box"),
         "blackbox": replace(cfg.resync, mode="black-box"),
         "remap": cfg.remap,
     }
-    stages = {name: replace(stage, seed=stage.seed + SEED_STRIDE * seed) for name, stage in stages.items()}
-    stages["scores"] = cfg.scores
+    data = {"dataset": cfg.dataset, "image_size": cfg.image_size}  # every stage works on the protocol's data set
+    stages = {name: replace(stage, seed=stage.seed + SEED_STRIDE * seed, **data) for name, stage in stages.items()}
+    stages["scores"] = replace(cfg.scores, **data)
     for name, stage_cfg in stages.items():
         try:
             stage_cfg.validate()
@@ -151,7 +160,7 @@ def reproduce(cfg: ProtocolConfig, out: str | Path, *, seeds: int = 1, jobs: int
     elif jobs > 1 and seeds > 1:
         in_processes(work, jobs)
     else:
-        data = load_cifar10(data_root)
+        data = load_dataset(cfg.dataset, data_root, cfg.image_size)
         for run in work:
             run(data=data)
     return write_report(out, data_root=data_root)
@@ -189,11 +198,11 @@ def on_ray(work: list[Callable[..., Path]], address: str, cpus: int) -> None:
         ray.shutdown()
 
 
-def run_seed(cfg: ProtocolConfig, folder: Path, seed: int, *, data: Cifar10 | None = None,
+def run_seed(cfg: ProtocolConfig, folder: Path, seed: int, *, data: Dataset | None = None,
              data_root: str | Path | None = None, device: str = "auto", after_stages: Callable[..., Any] | None = None) -> Path:
     """Run (or continue) the stages of one seed in `folder`, which is a protocol folder of its own."""
     stages = stage_configs(cfg, folder, seed)
-    data = data or load_cifar10(data_root)
+    data = data or load_dataset(cfg.dataset, data_root, cfg.image_size)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder.parent / "data.txt", data.source)
 
@@ -210,6 +219,7 @@ def run_seed(cfg: ProtocolConfig, folder: Path, seed: int, *, data: Cifar10 | No
 
     # each stage's config type says which trainer runs it; drift also measures the obfuscators made so far
     trainers = {ClassifierConfig: train_classifier, ObfuscatorConfig: train_obfuscator, AttackConfig: train_attack,
+                IdentifyConfig: train_identify,
                 ResyncConfig: functools.partial(resync_stage, protocol=folder),
                 RemapConfig: functools.partial(remap_stage, protocol=folder),
                 ScoresConfig: functools.partial(scores_stage, protocol=folder)}
@@ -242,7 +252,7 @@ def add_wall_time(out: Path, stage: str, seconds: float) -> None:
     atomic_write_text(path, json.dumps(times, indent=1))
 
 
-def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool = True, data: Cifar10 | None = None,
+def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool = True, data: Dataset | None = None,
                  device: str = "auto") -> Path:
     """Re-sync O0 (and D0) to the drifted classifier, white-box (its weights) or black-box (its answers, through
     a counted API; the surrogate starts from C0), scoring O on the test images against the real drifted C.
@@ -255,7 +265,7 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
         return out / "obfuscator.safetensors"
     (out / "metrics.jsonl").unlink(missing_ok=True)
     dev = pick_device(device)
-    data = data or load_cifar10()
+    data = data or load_dataset(cfg.dataset, image_size=cfg.image_size)
     train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
     test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)
     obf, deobf = load_codec(protocol / "o0", device=dev), load_codec(protocol / "o0", "deobfuscator", device=dev)
@@ -292,7 +302,7 @@ def resync_stage(cfg: ResyncConfig, out: Path, *, protocol: Path, resume: bool =
     return out / "obfuscator.safetensors"
 
 
-def remap_stage(cfg: RemapConfig, out: Path, *, protocol: Path, resume: bool = True, data: Cifar10 | None = None,
+def remap_stage(cfg: RemapConfig, out: Path, *, protocol: Path, resume: bool = True, data: Dataset | None = None,
                 device: str = "auto") -> Path:
     """The output-mapping baseline: O0's uploads of `queries` labelled client images go to the drifted C's API once; a
     remapping of its answers to the labels is fitted; then the test uploads' answers are remapped. No game step."""
@@ -302,7 +312,7 @@ def remap_stage(cfg: RemapConfig, out: Path, *, protocol: Path, resume: bool = T
         return out
     dev = pick_device(device)
     bf16 = use_bf16(cfg.precision, dev)
-    data = data or load_cifar10()
+    data = data or load_dataset(cfg.dataset, image_size=cfg.image_size)
     api = local_api(load_classifier(protocol / "drift", dev), dev, cfg.api_top_k)
     obf = frozen(load_codec(protocol / "o0", device=dev))
 
@@ -333,7 +343,7 @@ SCORED = {"o0": ("c0", "drift"), "robust": ("c0", "drift"), "control": ("c0", "d
           "whitebox": ("drift",), "blackbox": ("drift",)}
 
 
-def scores_stage(cfg: ScoresConfig, out: Path, *, protocol: Path, resume: bool = True, data: Cifar10 | None = None,
+def scores_stage(cfg: ScoresConfig, out: Path, *, protocol: Path, resume: bool = True, data: Dataset | None = None,
                  device: str = "auto") -> Path:
     """Score the ends of every ratio once more on `test_subset` (all test images): clean accuracy of C0 and the
     drifted C (`c0`, `drift`), and the 8-bit upload accuracy of each obfuscator on them (`o0@c0`, ...).
@@ -344,7 +354,7 @@ def scores_stage(cfg: ScoresConfig, out: Path, *, protocol: Path, resume: bool =
         return out
     dev = pick_device(device)
     bf16 = use_bf16(cfg.precision, dev)
-    test = DeviceData(*select(data or load_cifar10(), cfg.test_subset, split="test"), dev)
+    test = DeviceData(*select(data or load_dataset(cfg.dataset, image_size=cfg.image_size), cfg.test_subset, split="test"), dev)
     classifiers = {name: frozen(load_classifier(protocol / name, dev)) for name in ("c0", "drift")}
     t0 = time.perf_counter()
     record: dict[str, Any] = {"images": len(test), **{name: accuracy(c, test, bf16=bf16) for name, c in classifiers.items()}}

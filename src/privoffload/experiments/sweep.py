@@ -13,10 +13,11 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..config import SweepConfig
-from ..data import Cifar10, load_cifar10
+from ..data import Dataset
 from ..privacy.attack import train_attack
 from ..runs import last_record, read_metrics
 from ..runtime import atomic_write_text, init_dist, pick_device
+from ..train.loop import dataset_for
 from ..train.obfuscator import train_obfuscator
 from . import figures
 
@@ -38,7 +39,7 @@ def frontier_point(lam: float, obf_run: Path, attack_run: Path) -> dict:
     return point
 
 
-def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Cifar10 | None = None, device: str = "auto",
+def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
                  data_root: str | Path | None = None) -> Path:
     """Train and attack one obfuscator per lambda; returns the path of frontier.json."""
     out = Path(out)
@@ -46,7 +47,7 @@ def sweep_lambda(cfg: SweepConfig, out: str | Path, *, data: Cifar10 | None = No
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "sweep.toml", config_mod.to_toml(cfg))
-    data = data or load_cifar10(data_root)
+    data = dataset_for(cfg.obfuscator, data, data_root)
     points = []
     for lam in cfg.lams:
         folder = out / f"lam-{lam:g}"

@@ -1,10 +1,15 @@
 """The networks (the cloud's classifier; the Table I codec as obfuscator and deobfuscator; a U-Net
 decoder as a stronger attacker), and their files: safetensors whose metadata says how to rebuild the network.
+
+Metadata: `arch`, `width`, and the images the network takes: `image` ("CxHxW"); a classifier also
+`num_classes`, `mean`, `std` (its input normalisation) and, from its trainer, `classes` (a JSON list of names)
+and `dataset`. Files written before the metadata had images are CIFAR-10's: 3x32x32, 10 classes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -25,16 +30,68 @@ ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet
 MAX_WIDTH = 512  # a ResNet18 this wide has 700M parameters; a file claiming more is refused before anything is built
 WIDTH = re.compile(r"[1-9][0-9]{0,3}")
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "save", "load",
-           "load_bytes", "read_file", "read_header", "read_metadata"]
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "image_of", "image_shape",
+           "image_args", "save", "load", "load_bytes", "load_into", "read_file", "read_header", "read_metadata"]
+MAX_SIDE, MAX_CLASSES = 1024, 10_000  # bounds on what a file's metadata may ask to build
 
 
-def build(arch: str, width: int) -> nn.Module:
+def build(arch: str, width: int, **image) -> nn.Module:
+    """A network of `arch` and `width` for the images `image` describes (channels, size; a classifier also
+    num_classes, mean, std: `Dataset.classifier_args()`); without them, CIFAR-10's."""
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {str(arch)[:40]!r}; known: {', '.join(ARCHS)}")
     if not 1 <= width <= MAX_WIDTH:
         raise UserError(f"width {width} is out of range (1 to {MAX_WIDTH})")
-    return ARCHS[arch](width)
+    if arch != "resnet18":
+        image = {k: v for k, v in image.items() if k in ("channels", "size")}
+    try:
+        return ARCHS[arch](width, **image)
+    except ValueError as e:
+        raise UserError(f"cannot build a {arch} for these images: {e}") from None
+
+
+def image_of(model: nn.Module) -> dict:
+    """What a network takes: channels, size (height, width); a classifier also num_classes, mean, std."""
+    return dict(getattr(model, "module", model).image)
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a network takes."""
+    i = image_of(model)
+    return (i["channels"], *i["size"])
+
+
+def image_meta(model: nn.Module) -> dict[str, str]:
+    i = image_of(model)
+    meta = {"image": "x".join(map(str, image_shape(model)))}
+    if "num_classes" in i:
+        meta.update(num_classes=str(i["num_classes"]), mean=",".join(map(repr, i["mean"])), std=",".join(map(repr, i["std"])))
+    return meta
+
+
+def image_args(meta: dict[str, str], name: str | Path) -> dict:
+    """The build arguments a file's metadata gives, checked and bounded; {} for a file without them (CIFAR-10)."""
+    args: dict = {}
+    try:
+        if "image" in meta:
+            c, h, w = (int(v) for v in meta["image"].split("x"))
+            if c not in (1, 3) or not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+                raise ValueError(f"image {meta['image'][:20]!r} is out of range")
+            args.update(channels=c, size=(h, w))
+        if "num_classes" in meta:
+            args["num_classes"] = int(meta["num_classes"])
+            if not 1 <= args["num_classes"] <= MAX_CLASSES:
+                raise ValueError(f"{args['num_classes']} classes is out of range")
+        for key in ("mean", "std"):
+            if key in meta:
+                values = tuple(float(v) for v in meta[key].split(","))
+                if len(values) != args.get("channels", 3) or not all(math.isfinite(v) and (key == "mean" or v > 0)
+                                                                     for v in values):
+                    raise ValueError(f"{key} {meta[key][:40]!r} does not fit the channels")
+                args[key] = values
+    except ValueError as e:
+        raise UserError(f"{name} has unreadable image metadata ({str(e)[:100]}); re-create it") from None
+    return args
 
 
 def arch_of(model: nn.Module) -> dict:
@@ -52,7 +109,7 @@ def save(model: nn.Module, path: str | Path, **meta: str) -> None:
     a = arch_of(inner)
     tensors = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"arch": a["arch"], "width": str(a["width"]), **meta})
+        save_file(tensors, str(tmp), metadata={"arch": a["arch"], "width": str(a["width"]), **image_meta(inner), **meta})
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -112,11 +169,11 @@ def load_bytes(data: bytes, name: str, expect: str | None = None, device: torch.
         raise UserError(f"{name} holds a {meta['arch'][:20]}, expected a {expect or ' or '.join(ARCHS)}")
     if not WIDTH.fullmatch(meta["width"]) or int(meta["width"]) > MAX_WIDTH:
         raise UserError(f"{name} gives the width {meta['width'][:20]!r}, not a number from 1 to {MAX_WIDTH}")
-    arch, width = meta["arch"], int(meta["width"])
+    arch, width, image = meta["arch"], int(meta["width"]), image_args(meta, name)
     with torch.device("meta"):  # shapes without memory
-        expected = build(arch, width)
+        expected = build(arch, width, **image)
     _check_shapes(expected, shapes, name)
-    model = build(arch, width)
+    model = build(arch, width, **image)
     _copy_into(model, data, name)
     return model.to(device)
 

@@ -1,7 +1,10 @@
-"""The CIFAR variant of ResNet18 (3x3 stem, no max-pool), with a width knob for quick runs.
+"""ResNet18 for the data set's images, with a width knob for quick runs.
 
-It takes images in [0, 1] and normalises them itself, so the cloud classifies exactly the pixels a
-client uploads, obfuscated or not.
+It takes images in [0, 1] and normalises them itself (the data set's per-channel mean and deviation), so the
+cloud classifies exactly the pixels a client uploads, obfuscated or not. The stem follows the input size:
+below 64 pixels on the short side the CIFAR variant (3x3 convolution, stride 1, no max-pool); below 128 a
+3x3 convolution of stride 2; from 128 up ImageNet's 7x7 stride-2 convolution and 3x3 max-pool. The first
+stage thus always sees feature maps of about 32 pixels or fewer on the short side.
 """
 
 from __future__ import annotations
@@ -31,14 +34,30 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def stem(channels: int, width: int, size: tuple[int, int]) -> nn.Module:
+    short = min(size)
+    if short < 64:
+        return nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+    if short < 128:
+        return nn.Conv2d(channels, width, 3, 2, 1, bias=False)
+    return nn.Conv2d(channels, width, 7, 2, 3, bias=False)
+
+
 class ResNet18(nn.Module):
-    def __init__(self, width: int = 64, num_classes: int = 10):
+    def __init__(self, width: int = 64, num_classes: int = 10, *, channels: int = 3, size: tuple[int, int] = (32, 32),
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__()
         self.width = width
-        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1), persistent=False)
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        mean = tuple(mean or (CIFAR_MEAN if channels == 3 else (0.5,) * channels))
+        std = tuple(std or (CIFAR_STD if channels == 3 else (0.25,) * channels))
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need one value per channel ({channels})")
+        self.image = {"channels": channels, "size": tuple(size), "num_classes": num_classes, "mean": mean, "std": std}
+        self.register_buffer("mean", torch.tensor(mean).view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, channels, 1, 1), persistent=False)
+        self.conv1 = stem(channels, width, size)
         self.bn1 = nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(3, 2, 1) if min(size) >= 128 else nn.Identity()
         stages, cin = [], width
         for i, stride in enumerate((1, 2, 2, 2)):
             cout = width * 2**i
@@ -48,12 +67,12 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: images in [0, 1], [N, 3, 32, 32] -> logits [N, classes]."""
+        """x: images in [0, 1], [N, channels, *size] -> logits [N, classes]."""
         x = (x - self.mean) / self.std
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet18(width: int = 64, num_classes: int = 10) -> ResNet18:
-    return ResNet18(width, num_classes)
+def resnet18(width: int = 64, num_classes: int = 10, **image) -> ResNet18:
+    return ResNet18(width, num_classes, **image)

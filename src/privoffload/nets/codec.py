@@ -1,16 +1,26 @@
 """Table I's encoder-decoder, used both as the obfuscator O and as the deobfuscator D.
 
+For CIFAR-10 (any size whose sides are multiples of 8 works alike; grey images have 1 channel in and out):
 3x32x32 -> conv 32 -> bottleneck 32 (s2, 16x16) -> 64 (s2, 8x8) -> 128 (s2, 4x4)
         -> up 64 (8x8) -> up 32 (16x16) -> up 3 (32x32) -> sigmoid, an image in [0, 1].
 "Bottleneck" is MobileNetV2's inverted residual; "Upsample Bottleneck" is x2 nearest-neighbour
 upsampling and a stride-1 bottleneck (see docs/method-decisions.md). `width` scales every
-channel count but the 3 output channels (32 is Table I).
+channel count but the image channels (32 is Table I). `size` is the image size the codec is trained for: the
+network itself is fully convolutional, but its files record it, so that a client knows what images it takes.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+STRIDE = 8  # three stride-2 layers: an image's sides must be multiples of this
+
+
+def check_image(channels: int, size: tuple[int, int]) -> None:
+    if channels not in (1, 3) or len(size) != 2 or any(s <= 0 or s % STRIDE for s in size):
+        raise ValueError(f"the codec takes 1 or 3 channels and sides that are multiples of {STRIDE}, got {channels} "
+                         f"channels, size {tuple(size)}")
 
 
 class StridedDepthwise(nn.Conv2d):
@@ -53,18 +63,20 @@ class UpBottleneck(nn.Sequential):
 
 
 class Codec(nn.Module):
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, *, channels: int = 3, size: tuple[int, int] = (32, 32)):
         super().__init__()
+        check_image(channels, size)
         self.width = width
+        self.image = {"channels": channels, "size": tuple(size)}
         w1, w2, w4 = width, 2 * width, 4 * width
         self.net = nn.Sequential(
-            nn.Conv2d(3, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU6(inplace=True),
+            nn.Conv2d(channels, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU6(inplace=True),
             Bottleneck(w1, w1, 2),
             Bottleneck(w1, w2, 2),
             Bottleneck(w2, w4, 2),
             UpBottleneck(w4, w2),
             UpBottleneck(w2, w1),
-            UpBottleneck(w1, 3),
+            UpBottleneck(w1, channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,5 +84,5 @@ class Codec(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
-def codec(width: int = 32) -> Codec:
-    return Codec(width)
+def codec(width: int = 32, **image) -> Codec:
+    return Codec(width, **image)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codec import check_image
+
 
 def double_conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -21,14 +23,16 @@ def double_conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, *, channels: int = 3, size: tuple[int, int] = (32, 32)):
         super().__init__()
+        check_image(channels, size)
         self.width = width
+        self.image = {"channels": channels, "size": tuple(size)}
         ch = [width, 2 * width, 4 * width, 8 * width]
-        self.stem = double_conv(3, ch[0])
+        self.stem = double_conv(channels, ch[0])
         self.down = nn.ModuleList(double_conv(ch[i], ch[i + 1], stride=2) for i in range(3))
         self.up = nn.ModuleList(double_conv(ch[i + 1] + ch[i], ch[i]) for i in reversed(range(3)))
-        self.head = nn.Conv2d(ch[0], 3, 1)
+        self.head = nn.Conv2d(ch[0], channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: images in [0, 1] -> images in [0, 1] of the same shape."""
@@ -41,5 +45,5 @@ class UNet(nn.Module):
         return torch.sigmoid(self.head(h))
 
 
-def unet(width: int = 32) -> UNet:
-    return UNet(width)
+def unet(width: int = 32, **image) -> UNet:
+    return UNet(width, **image)

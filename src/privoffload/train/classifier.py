@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import nets
 from ..config import ClassifierConfig
-from ..data import Cifar10
+from ..data import Dataset
 from ..metrics import accuracy, obfuscation_scores
 from ..runs import run_weights
-from .loop import Context, Task, fit
+from .loop import Context, Task, check_input, fit
 
 
 class ClassifierTask(Task):
@@ -25,13 +27,15 @@ class ClassifierTask(Task):
 
     def __init__(self, ctx: Context, probes: dict[str, nn.Module] | None = None):
         self.ctx, cfg = ctx, ctx.cfg
-        model = nets.resnet18(cfg.width)
+        model = nets.resnet18(cfg.width, **ctx.data.classifier_args())
         if cfg.init:  # the cloud trains on from an earlier classifier
-            nets.load_into(model, run_weights(cfg.init, "classifier.safetensors", "classifier"))
+            path = run_weights(cfg.init, "classifier.safetensors", "classifier")
+            check_input(nets.load(path), ctx.data, f"classifier {cfg.init}")
+            nets.load_into(model, path)
         self.model = ctx.place(model)
         self.net = ctx.ddp(self.model)
         self.opt, self.sched = ctx.optimizer(self.model.parameters(), cfg.optim)
-        self.probes = {k: v.to(ctx.device).eval() for k, v in (probes or {}).items()}
+        self.probes = {k: check_input(v, ctx.data, f"probe {k}").to(ctx.device).eval() for k, v in (probes or {}).items()}
         self.arch = nets.arch_of(self.model)
         self.parts = {"model": self.model, "optim": self.opt, "sched": self.sched}
 
@@ -58,14 +62,15 @@ class ClassifierTask(Task):
         return record
 
     def save(self, folder: Path, epoch: int) -> None:
-        nets.save(self.model, folder / "classifier.safetensors", epoch=str(epoch))
+        nets.save(self.model, folder / "classifier.safetensors", epoch=str(epoch), dataset=self.ctx.data.name,
+                  classes=json.dumps(list(self.ctx.data.classes)))
 
     def describe(self, r: dict) -> str:
         text = f"loss {r['train_loss']:.3f} train {r['train_accuracy']:.3f}"
         return text + (f" test {r['test_accuracy']:.4f}" if "test_accuracy" in r else "")
 
 
-def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
+def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = False, data: Dataset | None = None,
                      device: str = "auto", probes: dict[str, nn.Module] | None = None,
                      data_root: str | Path | None = None) -> Path:
     """Train (or resume) a classifier run in `out`; returns the path of its weights."""

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import nets
 from ..config import OptimConfig, TrainConfig
-from ..data import Cifar10, DeviceData, load_cifar10, select
+from ..data import Dataset, DeviceData, load_dataset, parse_size, select
 from ..errors import UserError
 from ..runs import RunDir
 from ..runtime import Dist, autocast, epoch_seed, init_dist, pick_device, rank_device, use_bf16
@@ -116,6 +117,30 @@ class Progress:
 
 # ---------------------------------------------------------------- the skeleton
 
+def dataset_for(cfg: Any, data: Dataset | None = None, data_root: str | Path | None = None) -> Dataset:
+    """The data set a config names (`dataset`, `image_size`): `data` when it is that one, else loaded."""
+    if data is None:
+        return load_dataset(cfg.dataset, data_root, cfg.image_size)
+    size = parse_size(cfg.image_size)
+    if data.name != cfg.dataset or (size is not None and data.shape[1:] != size):
+        raise UserError(f"this run is set for the data set {cfg.dataset!r} {cfg.image_size}, but was handed {data.name!r} "
+                        f"at {data.shape[1]}x{data.shape[2]}")
+    return data
+
+
+def check_input(model: nn.Module, data: Dataset, what: str) -> nn.Module:
+    """Refuse a network built for other images than the data set's (a classifier also for another class count)."""
+    want = nets.image_of(model)
+    c, h, w = data.shape
+    got = {"channels": c, "size": (h, w)}
+    if "num_classes" in want:
+        got["num_classes"] = len(data.classes)
+    if any(want[k] != v for k, v in got.items()):
+        raise UserError(f"{what} takes {'x'.join(map(str, nets.image_shape(model)))} images"
+                        f"{' and ' + str(want['num_classes']) + ' classes' if 'num_classes' in want else ''}, but the "
+                        f"data set {data.name} gives {c}x{h}x{w}{' and ' + str(len(data.classes)) + ' classes' if 'num_classes' in want else ''}")
+    return model
+
 @dataclass
 class Context:
     """What a task is built from: its settings, where it runs, its data on the device and its run folder."""
@@ -125,20 +150,20 @@ class Context:
     dist: Dist
     run: RunDir
     bf16: bool
-    data: Cifar10
+    data: Dataset
     train: DeviceData
     test: DeviceData
     batch: int  # images per step on this rank
     steps: int  # steps per epoch
 
     @classmethod
-    def open(cls, cfg: TrainConfig, out: str | Path, *, data: Cifar10 | None = None, device: str = "auto",
+    def open(cls, cfg: TrainConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
              data_root: str | Path | None = None) -> "Context":
         """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs."""
         dev = rank_device(pick_device(device))
         dist = init_dist(dev)
         run = RunDir(out, dist)
-        data = data or load_cifar10(data_root)
+        data = dataset_for(cfg, data, data_root)
         train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
         test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world

@@ -16,12 +16,12 @@ import torch
 
 from .. import nets
 from ..config import ObfuscatorConfig
-from ..data import Cifar10
+from ..data import Dataset
 from ..metrics import accuracy, obfuscation_scores
 from ..runs import load_classifier, run_weights
 from ..runtime import epoch_seed, frozen
 from .game import Readability, game_step, reconstruction_loss
-from .loop import Context, Task, fit
+from .loop import Context, Task, check_input, fit
 
 
 class ObfuscatorTask(Task):
@@ -29,11 +29,11 @@ class ObfuscatorTask(Task):
 
     def __init__(self, ctx: Context):
         self.ctx, cfg = ctx, ctx.cfg
-        self.classifier = frozen(ctx.place(load_classifier(cfg.classifier)))
-        extras = [frozen(ctx.place(load_classifier(c))) for c in cfg.ensemble]
+        self.classifier = frozen(ctx.place(check_input(load_classifier(cfg.classifier), ctx.data, f"classifier {cfg.classifier}")))
+        extras = [frozen(ctx.place(check_input(load_classifier(c), ctx.data, f"classifier {c}"))) for c in cfg.ensemble]
         self.readability = Readability(self.classifier, extras, cfg.ensemble_weight, cfg.ensemble_per_step,
                                        cfg.flip_consistency)
-        obf, deobf = nets.codec(cfg.width), nets.codec(cfg.width)
+        obf, deobf = nets.codec(cfg.width, **ctx.data.image_args()), nets.codec(cfg.width, **ctx.data.image_args())
         if cfg.init:  # continue from an earlier O and D (recovery, re-training)
             for net, name in ((obf, "obfuscator"), (deobf, "deobfuscator")):
                 nets.load_into(net, run_weights(cfg.init, f"{name}.safetensors", "obfuscator"))
@@ -83,7 +83,7 @@ class ObfuscatorTask(Task):
         return text
 
 
-def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = False, data: Cifar10 | None = None,
+def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = False, data: Dataset | None = None,
                      device: str = "auto", data_root: str | Path | None = None) -> Path:
     """Train (or resume) an obfuscator run in `out`; returns the path of O's weights."""
     ctx = Context.open(cfg, out, data=data, device=device, data_root=data_root)

@@ -34,7 +34,7 @@ from ..runtime import autocast, epoch_seed, frozen, use_bf16
 from .game import Readability, game_step, reconstruction_loss
 from .loop import make_optimizer, schedule_factor
 
-Api = Callable[[np.ndarray], np.ndarray]  # uint8 uploads [N, 3, 32, 32] -> probabilities [N, classes]
+Api = Callable[[np.ndarray], np.ndarray]  # uint8 uploads [N, C, H, W] -> probabilities [N, classes]
 OnEval = Callable[[int, int], None]  # (steps done, queries spent) -> None; the caller scores O as it likes
 
 

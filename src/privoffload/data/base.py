@@ -1,0 +1,232 @@
+"""What every data set shares: the `Dataset` arrays, where data lives, downloads, resizing, subsets, and batches
+served from the device.
+
+Images stay uint8 [N, C, H, W] from disk to the device; a batch becomes float in [0, 1] only when it is cut.
+Flips are one `torch.where` over the batch. No DataLoader, no per-sample Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..runtime import atomic_path
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MULTIPLE = 8  # the codec halves an image three times (nets/codec.py): every side must be a multiple of 8
+
+
+@dataclass
+class Dataset:
+    """A whole data set as uint8 arrays, channel-first [N, C, H, W] (C = 1 grey, 3 colour), with int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str  # where it came from, for reports
+    classes: tuple[str, ...] = CIFAR10_CLASSES
+    name: str = "cifar10"  # the `dataset` setting that loads it (cifar10, pneumoniamnist, orl, folder:PATH)
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and standard deviation of the training images in [0, 1] (CIFAR-10's published
+        constants for CIFAR-10): what the classifier normalises its input with."""
+        if self.stats is None:
+            if self.name == "cifar10" and self.shape[0] == 3:
+                self.stats = CIFAR10_MEAN, CIFAR10_STD
+            else:
+                x = self.x_train.astype(np.float64) / 255
+                axes = (0, 2, 3)
+                self.stats = (tuple(round(float(v), 4) for v in x.mean(axes)),
+                              tuple(round(max(float(v), 1e-3), 4) for v in x.std(axes)))
+        return self.stats
+
+    def image_args(self) -> dict:
+        """What a codec or decoder is built for: `nets.build(arch, width, **data.image_args())`."""
+        c, h, w = self.shape
+        return {"channels": c, "size": (h, w)}
+
+    def classifier_args(self) -> dict:
+        """What the classifier is built for: the images, the number of classes and the normalisation."""
+        mean, std = self.mean_std()
+        return {**self.image_args(), "num_classes": len(self.classes), "mean": mean, "std": std}
+
+
+def project_root() -> Path:
+    """The checkout this package lives in (src layout), else the working directory."""
+    here = Path(__file__).resolve()
+    root = here.parents[3]
+    return root if (root / "pyproject.toml").exists() else Path.cwd()
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("PRIVOFFLOAD_DATA", project_root() / ".cache" / "data"))
+
+
+def shared_data() -> Path | None:
+    """The read-only data folder beside the checkout (../shared/data, see its README), if there is one."""
+    shared = os.environ.get("PRIVOFFLOAD_SHARED")
+    candidates = [Path(shared)] if shared else [project_root().parent / "shared", Path.cwd().parent / "shared"]
+    return next((c / "data" for c in candidates if (c / "data").is_dir()), None)
+
+
+def fetch(url: str, md5: str | None, dest: Path, hint: str) -> Path:
+    """Download `url` to `dest` (atomically; kept if already there) and check its md5 where one is published."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        try:
+            with atomic_path(dest) as tmp:
+                urllib.request.urlretrieve(url, tmp)
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"cannot download {url} ({e}); on an offline machine {hint}") from None
+    if md5 is not None:
+        digest = hashlib.md5(dest.read_bytes()).hexdigest()
+        if digest != md5:
+            raise UserError(f"{dest} has md5 {digest}, expected {md5}: delete it and download again")
+    return dest
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """`64x56` -> (64, 56): height x width, each a multiple of 8; "" -> None (the data set's own size)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"image_size {text!r} is not HEIGHTxWIDTH, e.g. 64x56") from None
+    if h <= 0 or w <= 0 or h % MULTIPLE or w % MULTIPLE or max(h, w) > 1024:
+        raise UserError(f"image_size {text!r}: both sides must be multiples of {MULTIPLE} (the codec halves the image "
+                        f"three times), at most 1024")
+    return h, w
+
+
+def resize(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 images [N, C, H, W] resized to `size` (height, width) with Pillow's antialiased bicubic filter."""
+    if size is None or tuple(x.shape[2:]) == tuple(size):
+        return x
+    h, w = size
+    out = np.empty((len(x), x.shape[1], h, w), np.uint8)
+    for i, img in enumerate(x):
+        for c in range(x.shape[1]):  # one grey plane at a time: the same filter for 1 and 3 channels
+            out[i, c] = np.asarray(Image.fromarray(img[c]).resize((w, h), Image.Resampling.BICUBIC))
+    return out
+
+
+def check_size(name: str, shape: tuple[int, ...]) -> None:
+    """The codec needs sides that are multiples of 8: a data set whose own size is not must be resized."""
+    h, w = shape[-2:]
+    if h % MULTIPLE or w % MULTIPLE:
+        raise UserError(f"{name} images are {h}x{w}; the codec needs sides that are multiples of {MULTIPLE}: "
+                        f"set image_size, e.g. {-(-h // MULTIPLE) * MULTIPLE}x{-(-w // MULTIPLE) * MULTIPLE}")
+
+
+def parse_subset(spec: str) -> tuple[str, int, int]:
+    """`all`, `first:N`, `random:N`, `range:A:B` -> (kind, a, b); checked before any data is read."""
+    parts = spec.split(":")
+    try:
+        if parts == ["all"]:
+            return "all", 0, 0
+        if parts[0] in ("first", "random") and len(parts) == 2 and int(parts[1]) > 0:
+            return parts[0], int(parts[1]), 0
+        if parts[0] == "range" and len(parts) == 3 and 0 <= int(parts[1]) < int(parts[2]):
+            return "range", int(parts[1]), int(parts[2])
+    except ValueError:
+        pass
+    raise UserError(f"subset {spec!r} is not one of all, first:N, random:N, range:A:B")
+
+
+def subset_indices(spec: str, n: int, seed: int = 0) -> np.ndarray:
+    """Indices into an array of length n. `random:N` is a seeded draw without replacement."""
+    kind, a, b = parse_subset(spec)
+    if kind == "all":
+        return np.arange(n)
+    if (kind in ("first", "random") and a > n) or (kind == "range" and b > n):
+        raise UserError(f"subset {spec!r} asks for more than the {n} images there are")
+    if kind == "first":
+        return np.arange(a)
+    if kind == "range":
+        return np.arange(a, b)
+    return np.sort(np.random.default_rng(seed).choice(n, size=a, replace=False))
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the uint8 pixels that are uploaded (rounded, clipped): the wire format of O(x)."""
+    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+
+
+def quantize8(x: torch.Tensor) -> torch.Tensor:
+    """What the cloud really receives, back as floats in [0, 1]: the image rounded to 8-bit pixels.
+
+    Where gradients flow it is the identity's gradient (straight-through), so that attacks and training can
+    optimise through the rounding; the values are the rounded ones either way.
+    """
+    x = x.clamp(0, 1)
+    q = torch.round(x * 255) / 255
+    return x + (q - x).detach() if x.requires_grad else q
+
+
+def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images of a batch where `mask` (bool [N]) is set."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+class DeviceData:
+    """Images and labels resident on one device; `batches` cuts shuffled, optionally flipped batches.
+
+    With `world > 1` (DDP) every rank draws the same permutation and flips and takes its own stride
+    of them, so that N ranks see exactly the images (and flips) of one process's batches.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu"):
+        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def steps(self, batch_size: int, drop_last: bool, world: int = 1) -> int:
+        per_rank = len(self) // world
+        return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, flip_images: bool = False, seed: int = 0,
+                drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False):
+        """Yield (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        flips = torch.rand(len(self), generator=gen) < 0.5  # one draw per position of the epoch
+        mine = slice(rank, len(self) // world * world, world)
+        order, flips = order[mine].to(self.device), flips[mine].to(self.device)
+        for i in range(self.steps(batch_size, drop_last, world)):
+            part = slice(i * batch_size, (i + 1) * batch_size)
+            idx = order[part]
+            xb = self.x[idx]  # flips and layout in uint8, a quarter of the bytes; then float once
+            if flip_images:
+                xb = mirror(xb, flips[part])
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb.float().div_(255), self.y[idx]
+
+
+def select(data: Dataset, spec: str, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a subset of one split. Test subsets are drawn with seed 0 by every caller that
+    compares runs, so that every seed, stage and obfuscator is scored on the same test images."""
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    idx = subset_indices(spec, len(y), seed)
+    return x[idx], y[idx]
