@@ -6,7 +6,7 @@
     robust    beyond the paper: O0 and D0 trained further against C0 and the extras together (or from scratch)
     drift     experiment 1: C goes on from C0 (all images, flips); O0 (and the robust O) measured on the current C
     recovery  experiment 2: O and D go on from O0 against the final C
-    attack    a fresh attacker against the final obfuscator: the privacy number that counts
+    privacy-o0, privacy   the attack suite (privacy/suite.py) on O0 and on the final O: the privacy numbers that count
     attack-o0, attack-robust   fresh attackers against O0 and the robust O: is their privacy the same?
     whitebox  beyond the paper: re-sync O0 to the final C from its published weights, in a budget of steps
     blackbox  beyond the paper: re-sync O0 from the final C's API answers alone, queries counted and capped
@@ -32,11 +32,12 @@ import torch
 
 from .. import config as config_mod
 from .. import nets
-from ..config import PROFILES, AttackConfig, ClassifierConfig, ObfuscatorConfig, ProtocolConfig, ResyncConfig
+from ..config import PROFILES, AttackConfig, ClassifierConfig, ObfuscatorConfig, ProtocolConfig, ResyncConfig, SuiteConfig
 from ..data import Cifar10, DeviceData, load_cifar10, select
 from ..errors import UserError
 from ..metrics import obfuscation_scores
 from ..privacy.attack import train_attack
+from ..privacy.suite import run_suite
 from ..runs import RunDir, is_done, load_classifier, load_codec
 from ..runtime import atomic_write_text, frozen, pick_device, use_bf16
 from ..train.classifier import train_classifier
@@ -76,7 +77,8 @@ def stage_configs(cfg: ProtocolConfig, out: Path) -> dict[str, Any]:
         **({"robust": robust} if extras else {}),
         "drift": replace(cfg.drift, init=str(out / "c0")),
         "recovery": replace(cfg.recovery, classifier=str(out / "drift"), init=str(out / "o0")),
-        "attack": replace(cfg.attack, obfuscator=str(out / "recovery")),
+        "privacy-o0": replace(cfg.privacy, obfuscator=str(out / "o0")),
+        "privacy": replace(cfg.privacy, obfuscator=str(out / "recovery")),
         **({"attack-o0": replace(cfg.robust.attack, obfuscator=str(out / "o0")),
             "attack-robust": replace(cfg.robust.attack, obfuscator=str(out / "robust"))} if extras else {}),
         "whitebox": replace(cfg.resync, mode="white-box"),
@@ -110,7 +112,7 @@ def reproduce(cfg: ProtocolConfig, out: str | Path, *, data_root: str | Path | N
 
     # each stage's config type says which trainer runs it; drift also measures the obfuscators made so far
     trainers = {ClassifierConfig: train_classifier, ObfuscatorConfig: train_obfuscator, AttackConfig: train_attack,
-                ResyncConfig: functools.partial(resync_stage, protocol=out)}
+                SuiteConfig: run_suite, ResyncConfig: functools.partial(resync_stage, protocol=out)}
     runners: dict[str, Callable[[], Any]] = {
         name: functools.partial(trainers[type(stage)], stage, out / name, resume=True, data=data, device=device)
         for name, stage in stages.items()}

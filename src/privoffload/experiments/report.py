@@ -1,6 +1,6 @@
 """Figures and report.md of a protocol folder, from its logs alone (`privoffload plot RUN`).
 
-Only Fig. 4 runs networks (the final O, D and attacker on a few test images); nothing trains.
+Only Fig. 4 runs networks (the final O, D and the suite's attacks on a few test images); nothing trains.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from ..data import Cifar10
 from ..errors import UserError
 from ..privacy.samples import sample_rows
 from ..runs import last_record as last
-from ..runs import read_metrics
+from ..runs import is_done, read_metrics
 from ..runtime import atomic_write_text
 from . import figures
+from .privacy_table import privacy_lines
 
-STAGES = ("c0", "o0", "drift", "recovery", "attack", "robust", "attack-o0", "attack-robust", "whitebox", "blackbox")
+STAGES = ("c0", "o0", "drift", "recovery", "robust", "attack-o0", "attack-robust", "whitebox", "blackbox")
 PAPER = {  # the paper's figures, in %
     "c0": 70.82, "o0": 40.68, "drift_final": 81.53, "o0_drift10": 20.52, "recovery_final": 73.0,
 }
@@ -110,8 +111,8 @@ def draw_figures(out: Path, numbers: dict[str, Any], data: Cifar10 | None = None
     m = numbers["metrics"]
     paths = []
     if (out / "recovery" / "obfuscator.safetensors").exists():
-        attacks = {"fresh attacker": out / "attack"} if (out / "attack" / "attacker.safetensors").exists() else {}
-        rows = sample_rows(out / "recovery", attack_runs=attacks, data=data, data_root=data_root, device="cpu")
+        suite = out / "privacy" if is_done(out / "privacy") else None  # one row per attack of the suite
+        rows = sample_rows(out / "recovery", suite=suite, data=data, data_root=data_root, device="cpu")
         paths.append(figures.sample_grid(rows, out / "fig4_samples.png"))
     bars = {
         "classifier C0": (last(m["c0"], "test_accuracy") or {}).get("test_accuracy"),
@@ -141,7 +142,6 @@ def write_report(out: str | Path, data_root: str | Path | None = None, data: Cif
     after10 = next(((e, o) for e, _, o in drift if e >= 10), drift[-1][::2] if drift else None)
     o0 = last(m["o0"], "obfuscated_accuracy") or {}
     rec = last(m["recovery"], "obfuscated_accuracy") or {}
-    att = last(m["attack"], "attacker_psnr_db") or {}
     rows = [
         ("C0 test accuracy", PAPER["c0"], (last(m["c0"], "test_accuracy") or {}).get("test_accuracy"), ""),
         ("O0 obfuscated accuracy", PAPER["o0"], o0.get("obfuscated_accuracy"), ""),
@@ -171,9 +171,7 @@ def write_report(out: str | Path, data_root: str | Path | None = None, data: Cif
             lines.append(f"| {label} | co-trained D | {rec_.get('deobfuscator_psnr_db', float('nan')):.2f} | "
                          f"{rec_.get('deobfuscator_ssim', float('nan')):.3f} | {pct(rec_.get('obfuscated_accuracy'))} | "
                          f"{pct(rec_.get('quantized_obfuscated_accuracy'))} |")
-    if att:
-        lines.append(f"| O (after recovery) | fresh attacker ({att.get('arch', 'codec')}, trained after O froze) | "
-                     f"{att['attacker_psnr_db']:.2f} | {att['attacker_ssim']:.3f} | | |")
+    lines += privacy_lines(out)
     lines += ["", "The obfuscation is not differential privacy in the formal sense: no noise is calibrated to a "
               "privacy budget. Privacy is measured by the attacks above, nothing more."]
     lines += beyond_lines(numbers)
