@@ -89,3 +89,24 @@ def test_report_prints_the_numbers_and_the_right_verdicts(protocol):
 def test_the_same_logs_give_the_same_report(protocol):
     first = write_report(protocol).read_bytes()
     assert write_report(protocol).read_bytes() == first
+
+
+def test_report_renders_each_suite_from_its_summary(protocol):
+    """The privacy section comes from suite.json alone: the strongest attack in bold, exact rows as ∞, CIs as ±."""
+    row = lambda p, ci, s, acc: {"kind": "attack", "psnr_db": p, "psnr_ci": ci, "ssim": s, "ssim_ci": 0.01,  # noqa: E731
+                                 "probe_accuracy": acc, "probe_accuracy_ci": 0.02}
+    rows = {"mean image": {**row(12.0, 0.2, 0.18, 0.10), "kind": "reference"},
+            "no defence": {**row(None, None, 1.0, 0.30), "kind": "reference"},
+            "decoder": {**row(15.25, 0.21, 0.27, 0.20), "epochs": 5, "steps": 155, "best_epoch": 5, "arch": "unet"},
+            "inversion": {**row(12.5, 0.2, 0.2, 0.12), "steps": 10}}
+    summary = {"rows": rows, "strongest": "decoder", "strongest_psnr_db": 15.25, "max_ssim": 0.27, "images": 500,
+               "test_subset": "random:500", "utility": {"clean_accuracy": 0.5, "quantized_obfuscated_accuracy": 0.3},
+               "position": {"psnr_db_above_mean_image": 3.25, "ssim": (0.27 - 0.18) / (1 - 0.18), "probe_accuracy": 0.5}}
+    (protocol / "privacy").mkdir()
+    (protocol / "privacy" / "suite.json").write_text(json.dumps(summary))
+    report = write_report(protocol).read_text()
+    assert "### Attack suite on O (after recovery)" in report and "Attack suite on O0" not in report
+    assert "| **decoder** | attack | 15.25 ± 0.21 | 0.270 ± 0.010 | 20.0 ± 2.0 | 5 epochs (155 steps), best at 5, unet |" in report
+    assert "| no defence | reference | ∞ (exact) | 1.000 ± 0.010 | 30.0 ± 2.0 |  |" in report
+    assert "Strongest attack: **decoder** (+3.25 dB above the mean image; SSIM 11 % of the way" in report
+    assert "fresh-classifier accuracy 50 % of the way" in report

@@ -1,5 +1,6 @@
 """The whole protocol at smoke scale: report, figures, resume after a kill, and refusal to mix configs."""
 
+import json
 
 import pytest
 
@@ -8,7 +9,8 @@ from privoffload.runs import last_record, read_metrics
 from .helpers import assert_user_error, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
-STAGES = ("c0", "o0", "extra1", "robust", "drift", "recovery", "attack", "attack-o0", "attack-robust", "whitebox", "blackbox")
+STAGES = ("c0", "o0", "extra1", "robust", "drift", "recovery", "privacy-o0", "privacy", "attack-o0", "attack-robust",
+          "whitebox", "blackbox")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,10 @@ def test_report_and_figures(smoke):
     assert f"| C0 test accuracy | 70.82 | {100 * c0:.2f} |" in report  # the run's own numbers, from its logs
     assert f"| O0 obfuscated accuracy | 40.68 | {100 * o0:.2f} |" in report
     assert "| black-box | 8 | 256 |" in report  # the smoke profile's steps and query budget
+    for stage, label in (("privacy-o0", "O0 (baseline)"), ("privacy", "O (after recovery)")):  # the suites, rendered
+        summary = json.loads((out / stage / "suite.json").read_text())
+        assert f"### Attack suite on {label}" in report and f"Strongest attack: **{summary['strongest']}**" in report
+        assert set(summary["rows"]) >= {"mean image", "no defence", "decoder", "inversion", "decoder+inversion", "adaptive"}
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 
