@@ -243,3 +243,16 @@ def test_soft_targets_and_recon_cap_train(tiny_classifier, cifar, tmp_path):
     assert np.isfinite(records(tmp_path / "o")[-1]["train_classification_loss"])
     result = cli("train-obfuscator", "--classifier", tiny_classifier, "--out", tmp_path / "bad", "--set", "d_steps=0")
     assert result.exit_code == 2 and "d_steps = 0 must be > 0" in result.stderr
+
+
+def test_attack_cli_inversion_is_a_resumable_run(obfuscator_run, tmp_path):
+    args = ("attack", "--kind", "inversion", "--obfuscator", obfuscator_run, "--out", tmp_path / "inv", "--steps", "2",
+            "--batch-size", "16", "--test-subset", "random:32", "--subset", "first:64")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    rec = torch.load(tmp_path / "inv" / "reconstructions.pt", weights_only=True)
+    assert rec.shape == (32, 3, 32, 32) and not list((tmp_path / "inv").glob("chunk-*"))
+    (first,) = records(tmp_path / "inv")
+    assert first["images"] == 32 and first["steps"] == 2
+    assert cli(*args).exit_code == 2  # an existing run is not overwritten
+    assert cli(*args, "--resume").exit_code == 0 and records(tmp_path / "inv") == [first]
