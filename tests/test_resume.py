@@ -24,7 +24,7 @@ TRAINERS = {  # kind -> (command line given the tiny classifier and obfuscator r
     "attack": (lambda c, o: ["attack", "--obfuscator", o, "--arch", "codec", "--width", "4", *COMMON,
                              "--set", "val_images=128", "--set", "patience=0"], ["attacker"]),
 }
-TIMING = ("time_s", "images_per_s", "eval_time_s")
+TIMING = ("time_s", "images_per_s", "eval_time_s", "val_time_s")
 
 
 def lines_up_to(run, epoch: int) -> list[str]:
