@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = {
     "flops": ["flops.py"],
+    "game_step": ["game_step.py"],
     "obfuscator_latency": ["obfuscator_latency.py"],
     "train_throughput": ["train_throughput.py"],
     "protocol_time": ["protocol_time.py", "--width", "8", "--images", "256", "--batch", "64", "--obf-batch", "32",

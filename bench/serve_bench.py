@@ -94,7 +94,8 @@ def service(repo: Path, window_ms: float, max_batch: int, args) -> dict:
     env = {**os.environ, "PRIVOFFLOAD_TOKEN": TOKEN, "PRIVOFFLOAD_ADMIN_TOKEN": ADMIN,
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cmd = [sys.executable, "-m", "privoffload", "serve", "--repo", str(repo), "--port", str(port), "--device", "cpu",
-           "--batch-window-ms", str(window_ms), "--set", f"max_batch_images={max_batch}", "--set", "log_level=warning",
+           "--batch-window-ms", str(window_ms), "--set", f"max_batch_images={max_batch}",
+           "--set", f"max_request_images={min(max_batch, 256)}", "--set", "log_level=warning",
            "--set", f"threads={args.threads}"]
     proc = subprocess.Popen(cmd, env=env)
     try:

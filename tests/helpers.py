@@ -33,14 +33,15 @@ def run_cli(*args, timeout: float = 300, check: bool = True, env: dict | None = 
 
 
 def kill_at_checkpoint(*args, folder: Path, timeout: float = 120) -> None:
-    """Start `privoffload ARGS` and SIGKILL it as soon as `folder/checkpoint.pt` appears (a finished epoch)."""
+    """Start `privoffload ARGS` and SIGKILL it, with every process it started, as soon as `folder/checkpoint.pt`
+    appears (a finished epoch)."""
     proc = subprocess.Popen([sys.executable, "-m", "privoffload", *map(str, args)], cwd=ROOT, env={**os.environ, **QUIET},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while not (folder / "checkpoint.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 

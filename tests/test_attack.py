@@ -15,10 +15,10 @@ from privoffload import nets
 from privoffload.config import AttackConfig
 from privoffload.data import DeviceData
 from privoffload.privacy.attack import train_attack
+from privoffload.privacy.samples import sample_rows
 from privoffload.metrics import reconstruction_quality
 from privoffload.runs import is_done
 from privoffload.runtime import use_bf16
-from privoffload.train.loop import Progress
 
 ATTACK_ARGS = ("--arch", "unet", "--width", "4", "--subset", "first:192", "--epochs", "2", "--batch-size", "64",
                "--set", 'test_subset="random:64"', "--set", "val_images=64", "--set", "patience=0")
@@ -48,26 +48,12 @@ def test_attack_cli_logs_privacy_metrics(attack_run):
     assert scored["attacker_ssim"] == pytest.approx(last["attacker_ssim"], rel=1e-6)
 
 
-def test_attacker_trains_on_train_split_scores_on_test_split_and_resumes(obfuscator_run, cifar, tmp_path, monkeypatch):
-    """Test split = 64 black images: the logged PSNR must be that of black images. An interrupted
-    attack resumed must end with the weights of one run straight through."""
+def test_attacker_trains_on_train_split_and_scores_on_test_split(obfuscator_run, cifar, tmp_path):
+    """Test split = 64 black images: the logged PSNR must be that of black images, not of training images."""
     black = dataclasses.replace(cifar, x_test=np.zeros((64, 3, 32, 32), np.uint8), y_test=np.zeros(64, np.int64))
     cfg = AttackConfig(obfuscator=str(obfuscator_run), arch="codec", width=4, epochs=2, batch_size=64,
                        subset="first:128", test_subset="all", val_images=0, patience=0)
     train_attack(cfg, tmp_path / "straight", data=black)
-
-    line = Progress.line
-
-    def stop_after_first_epoch(self, epoch, text):
-        line(self, epoch, text)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Progress, "line", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_attack(cfg, tmp_path / "resumed", data=black)
-    monkeypatch.setattr(Progress, "line", line)
-    train_attack(cfg, tmp_path / "resumed", resume=True, data=black)
-
     last = records(tmp_path / "straight")[-1]
     attacker = nets.load(tmp_path / "straight" / "attacker.safetensors", expect="codec")
     obf = nets.load(obfuscator_run / "obfuscator.safetensors", expect="codec")
@@ -76,10 +62,6 @@ def test_attacker_trains_on_train_split_scores_on_test_split_and_resumes(obfusca
     assert (last["attacker_psnr_db"], last["attacker_ssim"]) == pytest.approx((psnr, ssim), rel=1e-6)
     on_train = reconstruction_quality(attacker, obf, DeviceData(black.x_train[:64], black.y_train[:64]), bf16=bf16)
     assert on_train[0] != pytest.approx(psnr, abs=0.5)
-    resumed = nets.load(tmp_path / "resumed" / "attacker.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(attacker.state_dict().values(), resumed.state_dict().values()))
-    assert [r["epoch"] for r in records(tmp_path / "resumed")] == [1, 2]
-    assert records(tmp_path / "resumed")[-1]["attacker_psnr_db"] == last["attacker_psnr_db"]
 
 
 def test_samples_figure(obfuscator_run, attack_run, tmp_path):
@@ -125,3 +107,19 @@ def test_attack_bad_input_is_one_line_and_exit_2(make_args, message, obfuscator_
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_fig4_shows_one_image_per_class_and_the_8_bit_upload(obfuscator_run, cifar):
+    """Whatever the order of the test split, the columns are one image of each class, and the upload row is what
+    the cloud receives: O(x) rounded to 8-bit pixels."""
+    order = np.random.default_rng(0).permutation(len(cifar.y_test))
+    shuffled = dataclasses.replace(cifar, x_test=cifar.x_test[order], y_test=cifar.y_test[order])
+    rows = sample_rows(obfuscator_run, n=10, data=shuffled, device="cpu")
+    originals = (rows["original"] * 255).round().to(torch.uint8).numpy()
+    picked = [int(np.flatnonzero((shuffled.x_test == img).all(axis=(1, 2, 3)))[0]) for img in originals]
+    assert sorted(shuffled.y_test[picked].tolist()) == list(range(10))
+    upload = rows["uploaded\n(8-bit O(x))"]
+    assert torch.equal(upload * 255, (upload * 255).round())  # 8-bit pixels
+    obf = nets.load(obfuscator_run / "obfuscator.safetensors").eval()
+    with torch.no_grad():
+        assert torch.allclose(upload, torch.round(obf(rows["original"]).clamp(0, 1) * 255) / 255, atol=1 / 255 + 1e-6)

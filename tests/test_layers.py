@@ -25,8 +25,9 @@ RANK = {  # a module may import the modules of its own component and of componen
     "privacy": 7,
     "experiments": 8, "evaluate": 8,
     "cloud": 9, "client": 9,
-    "cli": 10,
-    "__main__": 11,
+    "live": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 REACH = {"cloud": RANK["config"], "client": RANK["train"]}  # the apps reach less far down than their rank
 

@@ -1,63 +1,100 @@
-"""The whole protocol at smoke scale: report, figures, resume after a kill, and refusal to mix configs."""
+"""The whole protocol at smoke scale: two seeds side by side, killed and continued, the report over seeds,
+reuse, refusal to mix configs, the protocol's own checks, and the same seeds run as tasks on a local Ray cluster."""
+
+from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
-from privoffload.runs import last_record, read_metrics
+from privoffload import nets
+from privoffload.experiments.protocol import load_profile, stage_configs
+from privoffload.experiments.stats import estimate
+from privoffload.runs import read_metrics
 
-from .helpers import assert_user_error, kill_at_checkpoint, run_cli
+from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
-STAGES = ("c0", "o0", "extra1", "robust", "drift", "recovery", "privacy-o0", "privacy", "attack-o0", "attack-robust",
-          "whitebox", "blackbox")
+STAGES = ("c0", "o0", "trajectory", "robust", "control", "drift", "recovery", "privacy-o0", "privacy", "attack-o0",
+          "attack-robust", "whitebox", "blackbox", "remap", "scores")
+SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "O (after recovery)"}
+SMOKE = ("reproduce", "--profile", "smoke", "--seeds", "2", "--jobs", "2")
+
+
+def stage_files(out):
+    """Each stage's record: its metrics.jsonl, or a suite stage's suite.json."""
+    return {f"{seed}/{s}": (out / seed / s / ("suite.json" if s in SUITES else "metrics.jsonl")).read_text()
+            for seed in ("seed-0", "seed-1") for s in STAGES}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke protocol, killed once during the baseline obfuscator and then continued."""
+    """Two smoke seeds in two processes, all killed once seed 0's baseline obfuscator has a checkpoint, then continued."""
     out = tmp_path_factory.mktemp("protocol") / "smoke"
-    kill_at_checkpoint("reproduce", "--profile", "smoke", "--out", out, folder=out / "o0", timeout=300)
-    c0_weights = (out / "c0" / "classifier.safetensors").stat().st_mtime_ns
-    done = run_cli("reproduce", "--profile", "smoke", "--out", out, timeout=600)
-    return out, done, c0_weights
+    kill_at_checkpoint(*SMOKE, "--out", out, folder=out / "seed-0" / "o0", timeout=300)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "seed-1").glob("*/DONE")}
+    c0_weights = (out / "seed-0" / "c0" / "classifier.safetensors").stat().st_mtime_ns
+    done = run_cli(*SMOKE, "--out", out, timeout=600)
+    return out, done, c0_weights, finished
 
 
-def test_report_and_figures(smoke):
-    out, done, _ = smoke
+def test_report_over_seeds_and_figures(smoke):
+    out, done, _, _ = smoke
     assert f"report: {out / 'report.md'}" in done.stdout
     report = (out / "report.md").read_text()
-    c0 = last_record(read_metrics(out / "c0"), "test_accuracy")["test_accuracy"]
-    o0 = last_record(read_metrics(out / "o0"), "obfuscated_accuracy")["obfuscated_accuracy"]
-    assert f"| C0 test accuracy | 70.82 | {100 * c0:.2f} |" in report  # the run's own numbers, from its logs
-    assert f"| O0 obfuscated accuracy | 40.68 | {100 * o0:.2f} |" in report
-    assert "| black-box | 8 | 256 |" in report  # the smoke profile's steps and query budget
-    for stage, label in (("privacy-o0", "O0 (baseline)"), ("privacy", "O (after recovery)")):  # the suites, rendered
-        summary = json.loads((out / stage / "suite.json").read_text())
-        assert f"### Attack suite on {label}" in report and f"Strongest attack: **{summary['strongest']}**" in report
-        assert set(summary["rows"]) >= {"mean image", "no defence", "decoder", "inversion", "decoder+inversion", "adaptive"}
+    c0 = [read_metrics(out / f"seed-{s}" / "scores")[-1]["c0"] for s in (0, 1)]
+    o0 = [read_metrics(out / f"seed-{s}" / "scores")[-1]["o0@c0"] for s in (0, 1)]
+    assert f"| C0 test accuracy | 70.82 | {estimate(c0).text(100)} |" in report  # the seeds' own numbers, with their CI
+    assert f"| O0 obfuscated accuracy | 40.68 | {estimate(o0).text(100)} |" in report
+    assert "2 seeds (seed-0, seed-1)" in report and "| black-box | 8 | 256 |" in report  # the smoke profile's budgets
+    for stage, label in SUITES.items():  # each seed's suite, aggregated over the two seeds
+        summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
+        assert f"### Attack suite on {label}" in report
+        for summary in summaries:
+            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "no defence", "upload as image",
+                                            "decoder", "inversion", "decoder+inversion", "adaptive"}
+            assert f"{summary['strongest']} " in report.split(f"### Attack suite on {label}")[1]
+        psnr = estimate(s["rows"]["inversion"]["psnr_db"] for s in summaries).text()
+        assert f"| inversion | attack | {psnr} |" in report or f"| **inversion** | attack | {psnr} |" in report
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 
 
-def test_killed_protocol_continues_where_it_stopped(smoke):
-    out, done, c0_weights = smoke
-    assert "stage c0 (finished earlier" in done.stdout  # reused, not retrained
-    assert (out / "c0" / "classifier.safetensors").stat().st_mtime_ns == c0_weights
-    for stage in STAGES:
-        epochs = [r["epoch"] if "epoch" in r else r["step"] for r in read_metrics(out / stage)]
-        assert epochs == sorted(set(epochs)) and (out / stage / "DONE").exists(), (stage, epochs)
-    drift = read_metrics(out / "drift")
-    assert drift[0]["epoch"] == 0 and all({"O0", "robust"} <= r["probes"].keys() for r in drift)
+def test_killed_seeds_continue_where_each_stopped(smoke):
+    out, done, c0_weights, finished = smoke
+    assert "seed 0 stage c0 (finished earlier" in done.stdout  # reused, not retrained
+    assert (out / "seed-0" / "c0" / "classifier.safetensors").stat().st_mtime_ns == c0_weights
+    for stage, mtime in finished.items():  # what seed 1 had finished when both were killed was kept as it was
+        assert (out / "seed-1" / stage / "DONE").stat().st_mtime_ns == mtime, stage
+    for seed in ("seed-0", "seed-1"):
+        for stage in STAGES:
+            marks = [r.get("epoch", r.get("step", 0)) for r in read_metrics(out / seed / stage)]
+            assert marks == sorted(set(marks)) and (out / seed / stage / "DONE").exists(), (seed, stage, marks)
+        drift = read_metrics(out / seed / "drift")
+        assert drift[0]["epoch"] == 0 and all({"O0", "robust", "control"} <= r["probes"].keys() for r in drift)
+    # the seeds differ in what they learned, not in the images they are scored on
+    assert read_metrics(out / "seed-0" / "c0") != read_metrics(out / "seed-1" / "c0")
+    assert read_metrics(out / "seed-0" / "scores")[-1]["images"] == read_metrics(out / "seed-1" / "scores")[-1]["images"]
+
+
+def test_resync_plays_at_the_lambda_of_the_obfuscator_it_continues(smoke):
+    out, _, _, _ = smoke
+    lam = nets.read_metadata(out / "seed-0" / "o0" / "obfuscator.safetensors")["lam"]
+    for stage in ("whitebox", "blackbox"):
+        assert nets.read_metadata(out / "seed-0" / stage / "obfuscator.safetensors")["lam"] == lam
 
 
 def test_same_command_again_reuses_everything_and_plot_redraws(smoke):
-    out, _, _ = smoke
-    log = lambda s: (out / s / ("suite.json" if s.startswith("privacy") else "metrics.jsonl")).read_text()  # noqa: E731
-    before = {s: log(s) for s in STAGES}
-    again = run_cli("reproduce", "--profile", "smoke", "--out", out)
-    assert again.stdout.count("finished earlier") == len(STAGES)
-    assert {s: log(s) for s in STAGES} == before
+    out, _, _, _ = smoke
+    before = stage_files(out)
+    again = run_cli(*SMOKE, "--out", out)
+    assert again.stdout.count("finished earlier") == 2 * (len(STAGES) + 1)  # and the live hot swap
+    assert stage_files(out) == before
     report = (out / "report.md").read_text()
     for name in (*FIGURES, "report.md"):
         (out / name).unlink()
@@ -67,9 +104,65 @@ def test_same_command_again_reuses_everything_and_plot_redraws(smoke):
 
 
 def test_another_config_is_refused(smoke, tmp_path):
-    out, _, _ = smoke
-    done = run_cli("reproduce", "--profile", "smoke", "--out", out, "--set", "baseline_classifier.epochs=3", check=False)
+    out, _, _, _ = smoke
+    done = run_cli(*SMOKE, "--out", out, "--set", "baseline_classifier.epochs=3", check=False)
     assert_user_error(done, "another protocol config")
     assert_user_error(run_cli("reproduce", "--profile", "tiny", "--out", tmp_path, check=False), "not one of smoke, quick, paper")
+    assert_user_error(run_cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path, check=False), "at least 1")
     assert_user_error(run_cli("plot", tmp_path / "none", check=False), "not a folder")
-    assert_user_error(run_cli("plot", tmp_path, check=False), "no finished baseline classifier")
+    assert_user_error(run_cli("plot", tmp_path, check=False), "no seed folder")
+
+
+def test_stand_ins_must_not_see_the_drift_data(tmp_path):
+    """The robust obfuscator's stand-ins for the update train on images the update never sees, in every profile;
+    the robust O trains against their snapshots, and its control against C0 alone, for the same steps."""
+    for profile in ("smoke", "quick", "paper"):
+        stages = stage_configs(load_profile(profile), tmp_path)
+        trajectory, robust, control = stages["trajectory"], stages["robust"], stages["control"]
+        assert robust.ensemble == [str(tmp_path / "trajectory" / f"epoch-{e}") for e in
+                                   range(trajectory.snapshot_every, trajectory.epochs + 1, trajectory.snapshot_every)]
+        assert control.ensemble == [] and (control.epochs, control.batch_size, control.subset, control.init) == \
+            (robust.epochs, robust.batch_size, robust.subset, robust.init)
+    for subset in ("range:0:512", "random:100"):
+        clash = load_profile("smoke", [f"robust.trajectory.subset=\"{subset}\""])
+        with pytest.raises(Exception, match="images the drift .* trains on too"):
+            stage_configs(clash, tmp_path)
+
+
+def test_seeds_run_as_tasks_on_a_local_ray_cluster(tmp_path):
+    """A Ray head started here; one smoke seed as a Ray task gives the same folders and report as without Ray."""
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable))
+    assert ray, "Ray is part of the test environment (requirements.lock)"
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    try:
+        out = tmp_path / "out"
+        done = run_cli("reproduce", "--profile", "smoke", "--out", out, "--ray", f"127.0.0.1:{port}",
+                       "--set", "baseline_classifier.epochs=1", "--set", "drift.epochs=1", env=env, timeout=600)
+        assert f"report: {out / 'report.md'}" in done.stdout
+        assert all((out / "seed-0" / stage / "DONE").exists() for stage in STAGES)
+        assert "1 seed (seed-0)" in (out / "report.md").read_text()
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_tensorboard_shows_the_logged_curves(smoke, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _, _ = smoke
+    done = run_cli("tensorboard", out, "--logdir", tmp_path / "tb")
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in done.stdout
+    events = EventAccumulator(str(tmp_path / "tb" / "seed-1" / "drift")).Reload()
+    logged = read_metrics(out / "seed-1" / "drift")
+    probe = events.Scalars("probes/O0/quantized_obfuscated_accuracy")
+    assert [(e.step, round(e.value, 6)) for e in probe] == \
+        [(r["epoch"], round(r["probes"]["O0"]["quantized_obfuscated_accuracy"], 6)) for r in logged]
+    assert "train_loss" in events.Tags()["scalars"] and "stage" not in events.Tags()["scalars"]
+    run_cli("tensorboard", out, "--logdir", tmp_path / "tb")  # written anew, not appended
+    again = EventAccumulator(str(tmp_path / "tb" / "seed-1" / "drift")).Reload()
+    assert len(again.Scalars("train_loss")) == len([r for r in logged if "train_loss" in r])
+    assert_user_error(run_cli("tensorboard", tmp_path / "nothing", check=False), "not a folder")

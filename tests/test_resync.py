@@ -16,9 +16,10 @@ from privoffload import nets
 from privoffload.client.client import Result
 from privoffload.client.drift import DriftMonitor
 from privoffload.client.resync import ClientState
-from privoffload.train.resync import Budget, black_box, game_lambda, local_api, white_box
-from privoffload.config import DriftConfig, ObfuscatorConfig, ResyncConfig
-from privoffload.data import DeviceData
+from privoffload.train.resync import (Budget, black_box, complete, fit_remap, game_lambda, local_api, make_queries, pick_start,
+                                      white_box)
+from privoffload.config import DriftConfig, ObfuscatorConfig, OptimConfig, ResyncConfig
+from privoffload.data import DeviceData, to_pixels
 from privoffload.errors import UserError
 from privoffload.train.game import Readability
 from privoffload.train.obfuscator import train_obfuscator
@@ -104,10 +105,14 @@ def test_black_box_resync_spends_exactly_its_queries_and_distils_the_api(drifted
     data = DeviceData(x, y)
     api = Budget(local_api(new), cap=300)
     cfg = ResyncConfig(steps=6, batch_size=64, lam=0.1, max_queries=300, rounds=3, surrogate_steps=8, eval_every=4)
-    evals = []
-    surrogate = black_box(obf, deobf, api, data, cfg, copy.deepcopy(old), on_eval=lambda s, q: evals.append((s, q)))
+    evals, rounds = [], []
+    old_before = copy.deepcopy(old.state_dict())
+    surrogate = black_box(obf, deobf, api, data, cfg, [old], on_eval=lambda s, q: evals.append((s, q)), on_round=rounds.append)
     assert api.used == 300 and evals == [(0, 0), (2, 100), (4, 200), (6, 300)]
     assert [q for _, q in evals] == sorted(q for _, q in evals)  # queries only grow
+    assert [(r["round"], r["queries"]) for r in rounds] == [(1, 100), (2, 200), (3, 300)]
+    assert all(r["held_out"] > 0 and 0 <= r["agreement"] <= 1 for r in rounds)  # measured on queries it never learned from
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in old_before.items())  # candidates are never changed
 
     with torch.no_grad():  # on the uploads of the re-synced O, the surrogate answers like the API; C0 does not
         uploads = torch.round(obf.eval()(torch.from_numpy(x).float() / 255) * 255) / 255
@@ -115,6 +120,63 @@ def test_black_box_resync_spends_exactly_its_queries_and_distils_the_api(drifted
         kl = [F.kl_div(F.log_softmax(net(uploads), 1), truth, reduction="batchmean").item() for net in (surrogate, old)]
     print(f"\nKL(API || surrogate) {kl[0]:.4f}, KL(API || old classifier) {kl[1]:.4f}")
     assert kl[0] < 0.5 * kl[1]
+
+
+def always(classifier: torch.nn.Module, k: int) -> torch.nn.Module:
+    """A copy of `classifier` that answers class k to everything."""
+    blank = copy.deepcopy(classifier)
+    with torch.no_grad():
+        blank.fc.weight.zero_()
+        blank.fc.bias.copy_(10.0 * F.one_hot(torch.tensor(k), 10).float())
+    return blank
+
+
+def test_the_surrogate_starts_from_the_candidate_that_agrees_best(drifted):
+    x, _, _, _, old, _ = drifted
+    pixels = torch.from_numpy(x[:40])
+    probs = F.one_hot(torch.tensor([5] * 30 + [3] * 10), 10).float()  # the API named class 5 three times in four
+    threes, fives = always(old, 3), always(old, 5)
+    assert pick_start([threes, fives], pixels, probs, False) is fives
+    assert pick_start([fives, always(old, 5)], pixels, probs, False) is fives  # a tie keeps the first (C0 comes first)
+
+
+def test_every_kind_of_query_is_an_8_bit_upload_and_counted(drifted):
+    x, y, _, deobf, old, new = drifted
+    torch.manual_seed(0)  # an O whose upload follows its input (a random codec's barely does), so kinds can differ
+    obf = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Sigmoid())
+    cfg = ResyncConfig(batch_size=32, lam=0.1, lookahead_steps=2, optim_o=OptimConfig(name="adam", lr=0.05, weight_decay=0.0))
+    images = torch.from_numpy(x[:50]).float() / 255
+    pixels = make_queries(obf, deobf, images, torch.from_numpy(y[:50]), cfg, old, torch.Generator().manual_seed(0), False)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (50, 3, 32, 32)
+    with torch.no_grad():
+        plain = to_pixels(obf.eval()(images))
+    share = torch.arange(50) % len(cfg.queries)
+    assert torch.equal(pixels[share == 0], plain[share == 0])  # "plain" is O(x) itself
+    assert all(not torch.equal(pixels[share == k], plain[share == k]) for k in range(1, len(cfg.queries)))
+    api = Budget(local_api(new), cap=40)
+    with pytest.raises(UserError, match="exceed the budget of 40"):
+        api(pixels.numpy())
+    assert api.used == 0
+
+
+def test_a_top_k_api_is_completed_before_distillation(drifted):
+    x, _, _, _, _, new = drifted
+    full = local_api(new)(x[:8])
+    top1 = local_api(new, top_k=1)(x[:8])
+    assert ((top1 > 0).sum(1) == 1).all() and np.array_equal(top1.argmax(1), full.argmax(1))
+    done = complete(torch.from_numpy(top1))
+    assert torch.allclose(done.sum(1), torch.ones(8)) and torch.equal(done.argmax(1), torch.from_numpy(full.argmax(1)))
+
+
+def test_output_remapping_fits_a_known_permutation_exactly():
+    """The baseline's mechanics: answers that are a fixed relabelling of the truth are mapped back, every one."""
+    labels = torch.arange(500) % 10
+    permutation = torch.tensor([3, 7, 0, 9, 1, 8, 2, 6, 4, 5])
+    probs = torch.full((500, 10), 0.02).scatter_(1, permutation[labels].view(-1, 1), 0.82)
+    remap = fit_remap(probs, labels)
+    with torch.no_grad():
+        assert torch.equal(remap(probs.log()).argmax(1), labels)
+        assert (probs.argmax(1) == labels).float().mean() < 0.2  # the API's own answers were mostly wrong
 
 
 def answer(classes: np.ndarray, version: str = "1") -> Result:

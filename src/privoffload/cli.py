@@ -274,37 +274,47 @@ def serve_cmd(
     serve_weights: Annotated[Optional[bool], typer.Option("--serve-weights/--no-serve-weights",
                                                           help="let clients download each version's weights")] = None,
     no_auth: Annotated[Optional[bool], typer.Option("--no-auth", help="no tokens (trusted networks only)")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="PEM certificate: serve https")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="PEM private key of the certificate")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, device: Annotated[Optional[str], typer.Option("--device")] = None,
 ):
-    """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN
-    and PRIVOFFLOAD_ADMIN_TOKEN)."""
-    from .cloud.app import serve
+    """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN,
+    PRIVOFFLOAD_ADMIN_TOKEN and optionally PRIVOFFLOAD_METRICS_TOKEN)."""
+    from .cloud.server import serve
     from .config import ServeConfig
 
     cfg = settings(ServeConfig, config, set_, repo=repo, host=host, port=port, batch_window_ms=batch_window_ms,
-                   serve_weights=serve_weights, no_auth=no_auth, device=device)
+                   serve_weights=serve_weights, no_auth=no_auth, device=device, ssl_certfile=ssl_certfile,
+                   ssl_keyfile=ssl_keyfile)
     serve(cfg)
 
 
 @command("publish")
 def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folder, or its .safetensors file")],
                 repo: Annotated[Path, typer.Option("--repo", help="model repository folder")],
-                name: Annotated[str, typer.Option(help="model name")] = "cifar10-resnet18"):
+                name: Annotated[str, typer.Option(help="model name")] = "cifar10-resnet18",
+                signing_key: Annotated[Optional[Path], typer.Option(
+                    "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
     """Add a trained classifier to the repository as the next version (atomically)."""
     from .cloud.repository import Repository
 
     weights = run / "classifier.safetensors" if run.is_dir() else run
-    m = Repository(repo).publish(weights, name, source=str(run))
-    typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}...)")
+    m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
+    typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
+               f"{', signed' if signing_key else ''})")
 
 
 @command("classify")
 def classify_cmd(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files")],
-    server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. http://127.0.0.1:8000")],
+    server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. https://cloud.example:8000")],
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder or .safetensors file")],
     model: Annotated[str, typer.Option(help="model name on the server")] = "cifar10-resnet18",
     timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 30.0,
+    ca_cert: Annotated[Optional[Path], typer.Option("--ca-cert", help="CA certificate (PEM) that signed the "
+                                                                     "server's, e.g. a self-signed one")] = None,
+    allow_http: Annotated[bool, typer.Option("--allow-http", help="send the token over plain http to another "
+                                                                  "machine (trusted networks only)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Obfuscate images here and have the cloud classify them; only obfuscated pixels leave this machine.
@@ -313,7 +323,8 @@ def classify_cmd(
 
     from .client import Client
 
-    with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout) as client:
+    with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
+                ca_cert=ca_cert, allow_http=allow_http) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
             for p, c, lab, pr, v in zip(images, result.classes, result.labels, result.probabilities, result.versions)]
@@ -328,14 +339,18 @@ def classify_cmd(
 def reproduce_cmd(
     out: Annotated[Path, typer.Option("--out", help="protocol folder (give the same command again to continue)")],
     profile: Annotated[str, typer.Option(help="smoke | quick | paper | auto (paper on CUDA, quick on a CPU)")] = "auto",
+    seeds: Annotated[int, typer.Option(help="independent runs of the whole protocol; the report gives mean and 95 % CI")] = 1,
+    jobs: Annotated[int, typer.Option(help="seeds run side by side on this machine, sharing its cores")] = 1,
+    ray: Annotated[Optional[str], typer.Option(help="run the seeds as tasks on the Ray cluster at this address")] = None,
     set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Run the paper's whole protocol (C0, O0, drift, recovery, fresh attack), its figures and report.md."""
+    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
+    from .live import hot_swap_stage
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_)
-    report = reproduce(cfg, out, data_root=data, device=device)
+    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device, after_stages=hot_swap_stage)
     typer.echo(f"report: {report}")
 
 
@@ -347,6 +362,21 @@ def plot_cmd(run: Annotated[Path, typer.Argument(help="a protocol folder made by
     if not run.is_dir():
         raise UserError(f"{run} is not a folder; give the --out of a reproduce run")
     typer.echo(f"report: {write_report(run, data_root=data)}")
+
+
+@command("tensorboard")
+def tensorboard_cmd(run: Annotated[Path, typer.Argument(help="a run folder, or a protocol folder with many")],
+                    logdir: Annotated[Optional[Path], typer.Option(help="where to write (default RUN/tensorboard)")] = None,
+                    serve: Annotated[bool, typer.Option("--serve", help="then start TensorBoard on that folder")] = False):
+    """Write TensorBoard event files from the runs' metrics.jsonl (again each time), and optionally serve them."""
+    import subprocess
+
+    from .experiments.tensorboard import export
+
+    path = export(run, logdir)
+    typer.echo(f"event files in {path}; view them with: tensorboard --logdir {path}")
+    if serve:
+        subprocess.run([sys.executable, "-m", "tensorboard.main", "--logdir", str(path)], check=False)
 
 
 def main() -> None:

@@ -61,10 +61,13 @@ class TrainConfig:
     seed: int = 0  # initialisation, order and flips (and the draw of a random:N subset)
     precision: str = "auto"  # auto (bf16 where it is fast: CUDA, CPUs with AVX512-BF16/AMX) | bf16 | fp32
     channels_last: bool = True
+    snapshot_every: int = 0  # also keep every N-th epoch's weights in epoch-<N>/ (a run folder of its own); 0 = no
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_every"):
             _positive(name, getattr(self, name))
+        if self.snapshot_every < 0:
+            raise UserError(f"config: snapshot_every = {self.snapshot_every} must be >= 0")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
         _subset(self.subset)
         _subset(self.test_subset)
@@ -85,9 +88,11 @@ class ClassifierConfig(TrainConfig):
         self.optim.validate("optim")
 
 
-def _adam(lr: float) -> OptimConfig:
-    """The obfuscation game's optimiser: Adam at a constant rate, no weight decay (docs/method-decisions.md)."""
-    return OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule="constant", warmup_epochs=0.0)
+def _adam(lr: float, warmup_epochs: float = 0.0, schedule: str = "constant") -> OptimConfig:
+    """The obfuscation game's optimisers: Adam, no weight decay (docs/method-decisions.md). O's rate warms up and
+    decays to zero over its stage: a stage that continues an O then starts gently and ends settled; D, the
+    adversary, keeps a constant rate so that it never stops adapting."""
+    return OptimConfig(name="adam", lr=lr, weight_decay=0.0, schedule=schedule, warmup_epochs=warmup_epochs)
 
 
 @dataclass
@@ -108,11 +113,12 @@ class ObfuscatorConfig(TrainConfig):
     ensemble: list[str] = field(default_factory=list)  # classifier run folders or .safetensors files
     ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
     ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
+    flip_consistency: bool = False  # the classifiers also read mirrored uploads (a random half of each batch)
     # recipe options (docs/method-decisions.md); the defaults are the plain game
     recon_cap: bool = False  # O gains nothing for pushing D's error on an image past the mean image's error on it
     d_steps: int = 1  # D's steps per O step (on the same batch)
     soft_targets: bool = False  # O's readability loss: CE to C's soft outputs on the clean x instead of the labels
-    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.2, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
     def validate(self) -> None:
@@ -166,6 +172,9 @@ class AttackConfig(TrainConfig):
         self.optim.validate("optim")
 
 
+QUERY_KINDS = ("plain", "flip", "mixup", "noise", "lookahead")
+
+
 @dataclass
 class InversionConfig:
     """White-box inversion of O: for each upload u, the x' in [0, 1] that minimises
@@ -182,7 +191,7 @@ class InversionConfig:
     batch_size: int = 500  # images optimised together
     start: str = "mean"  # mean | decoder (the output of the attack run `decoder`: decoder + inversion)
     decoder: str = ""  # attack run folder, for start = "decoder"
-    seed: int = 0  # the draw of a random:N test subset
+    seed: int = 0  # the draw of a random:N training subset (test subsets are the same whatever the seed)
     precision: str = "fp32"  # auto | bf16 | fp32 (O's forward and backward)
 
     def validate(self) -> None:
@@ -261,8 +270,8 @@ class SuiteConfig:
 
     obfuscator: str = ""  # the obfuscator run folder to attack
     attacks: list[str] = field(default_factory=lambda: ["decoder", "inversion", "adaptive"])  # of ATTACKS
-    test_subset: str = "random:500"  # the images every row is scored on (overrides each attack's)
-    seed: int = 0  # the draw of a random:N test subset
+    test_subset: str = "random:500"  # the images every row is scored on (overrides each attack's; the same for every seed)
+    seed: int = 0  # the attacks' and probes' seed; added to the adaptive attack's own seeds
     decoder: AttackConfig = field(default_factory=AttackConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
@@ -287,8 +296,10 @@ class SuiteConfig:
         """The config the suite runs `attack` with: the suite's obfuscator and test images."""
         if attack == "decoder":
             return dataclasses.replace(self.decoder, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed)
-        if attack == "adaptive":
-            return dataclasses.replace(self.adaptive, obfuscator=self.obfuscator, test_subset=self.test_subset)
+        if attack == "adaptive":  # its seeds stay its own (O's is unknown to it), moved along with the suite's
+            decoder = dataclasses.replace(self.adaptive.decoder, seed=self.adaptive.decoder.seed + self.seed)
+            return dataclasses.replace(self.adaptive, obfuscator=self.obfuscator, test_subset=self.test_subset,
+                                       seed=self.adaptive.seed + self.seed, decoder=decoder)
         start = "decoder" if attack == "decoder+inversion" else "mean"
         return dataclasses.replace(self.inversion, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed,
                                    start=start, decoder=folder if start == "decoder" else "")
@@ -299,8 +310,9 @@ class ResyncConfig:
     """Re-syncing an obfuscator O (and its D) to a classifier that changed, within budgets (train/resync.py).
 
     White-box (the cloud publishes the new weights): `steps` steps of the game against them. Black-box (only
-    the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images, distilling
-    a local surrogate of the new classifier from the answers, then steps/rounds steps of the game against it.
+    the API's probabilities): `rounds` rounds, each uploading max_queries/rounds obfuscated images of several
+    kinds (`queries`), distilling a local surrogate of the new classifier from the answers, then steps/rounds
+    steps of the game against it. Every image sent counts against `max_queries`.
     """
 
     mode: str = "auto"  # auto (white-box where the server publishes weights, else black-box) | white-box | black-box
@@ -310,13 +322,20 @@ class ResyncConfig:
     flip: bool = True
     max_queries: int = 4096  # black-box: images uploaded to the API, at most
     rounds: int = 4  # black-box: query rounds
-    surrogate_steps: int = 50  # black-box: distillation steps of the surrogate per round
+    query_growth: float = 1.0  # black-box: each round sends this many times the queries of the one before
+    surrogate_steps: int = 150  # black-box: distillation steps of the surrogate per round
+    # black-box: what a round uploads, in equal shares: O(x) of the client's images, of mirrored ones, mix-ups of two
+    # uploads, uploads with noise, and uploads of a copy of O advanced `lookahead_steps` steps against the surrogate
+    queries: list[str] = field(default_factory=lambda: ["plain", "flip", "mixup", "noise", "lookahead"])
+    lookahead_steps: int = 5
+    held_out: float = 0.1  # black-box: share of each round's queries kept to measure the surrogate's agreement
+    api_top_k: int = 0  # black-box: the API answers only its k most likely classes (0 = every probability)
     eval_every: int = 50  # steps between evaluations (in the protocol)
     subset: str = "first:20000"  # in the protocol: the client's own labelled images
     test_subset: str = "all"
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
-    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3))
+    optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.05, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
     optim_surrogate: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=3e-4, weight_decay=0.0,
                                                                              schedule="constant", warmup_epochs=0.0))
@@ -325,8 +344,16 @@ class ResyncConfig:
         _choice("mode", self.mode, ("auto", "white-box", "black-box"))
         for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
             _positive(name, getattr(self, name))
-        if self.surrogate_steps < 0:
-            raise UserError("config: surrogate_steps must be >= 0")
+        if not self.query_growth >= 1:
+            raise UserError(f"config: query_growth = {self.query_growth} must be >= 1")
+        if self.surrogate_steps < 0 or self.lookahead_steps < 0 or self.api_top_k < 0:
+            raise UserError("config: surrogate_steps, lookahead_steps and api_top_k must be >= 0")
+        if not 0 <= self.held_out < 0.5:
+            raise UserError(f"config: held_out = {self.held_out} must be a share in [0, 0.5)")
+        for kind in self.queries:
+            _choice("queries", kind, QUERY_KINDS)
+        if not self.queries:
+            raise UserError("config: queries is empty; give at least one kind, e.g. queries = [\"plain\"]")
         if self.max_queries < self.rounds:
             raise UserError(f"config: max_queries = {self.max_queries} leaves no query for each of {self.rounds} rounds")
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
@@ -344,11 +371,13 @@ class DriftConfig:
     canary_threshold: float = 0.0  # re-sync when accuracy on the labelled canary images falls below this (0 = off)
     canary_every: int = 50  # classify calls between canary checks
     reclassify: bool = True  # after a re-sync, classify the call's images again with the new obfuscator
+    retry_after_calls: int = 1  # a failed re-sync is tried again after this many classify calls, doubling each failure
 
     def validate(self) -> None:
         if not 0 <= self.canary_threshold <= 1:
             raise UserError(f"config: canary_threshold = {self.canary_threshold} must be an accuracy in [0, 1]")
         _positive("canary_every", self.canary_every)
+        _positive("retry_after_calls", self.retry_after_calls)
 
 
 @dataclass
@@ -374,17 +403,65 @@ class SweepConfig:
 
 @dataclass
 class RobustConfig:
-    """The drift-robust obfuscator: O0's settings, against C0 and extra classifiers, fine-tuned from O0 or from scratch."""
+    """The drift-robust obfuscator (docs/drift-robustness.md): O0 trained on against C0 and stand-ins for the cloud's
+    next update, snapshots along one fine-tune of C0 on the client's own images; beside a compute-matched control."""
 
-    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one extra classifier per seed; [] = no robust stages
-    extra: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(  # C0 fine-tuned a little on other data
-        epochs=1, subset="range:20000:50000", flip=True, eval_every=1))  # (its width is always C0's)
-    weight: float = 1.0  # ensemble_weight: each extra's weight in O's classification loss, C0's being 1
-    per_step: int = 0  # ensemble_per_step: extras drawn per step (0 = all)
+    # the stand-ins: C0 fine-tuned with flips at a high constant rate on images the drift never sees, a snapshot
+    # every epoch (its width is always C0's); epochs = 0 turns the robust stages off
+    trajectory: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(
+        epochs=4, subset="range:45000:50000", flip=True, eval_every=1, snapshot_every=1,
+        optim=OptimConfig(lr=0.05, schedule="constant", warmup_epochs=0.0)))
+    weight: float = 1.0  # ensemble_weight: the stand-ins' weight in O's classification loss, C0's being 1
+    per_step: int = 1  # ensemble_per_step: stand-ins drawn per step (0 = all)
+    flip_consistency: bool = True  # C0 and the stand-ins also read mirrored uploads: the update trains with flips
     fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
     epochs: int = 0  # 0 = the baseline obfuscator's epochs
     lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
+    control: bool = True  # also train the control: O0 given the same steps against C0 alone
     attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
+
+
+@dataclass
+class RemapConfig:
+    """The output-mapping baseline beside re-sync: relabel the API's answers on O0's uploads, no game (train/resync.py)."""
+
+    queries: int = 4096  # labelled images of the client's, uploaded once through O0, to fit the remapping on
+    subset: str = "first:20000"  # the client's own labelled images (the first `queries` of them are used)
+    test_subset: str = "all"
+    api_top_k: int = 0
+    seed: int = 0
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        _positive("queries", self.queries)
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.subset)
+        _subset(self.test_subset)
+
+
+@dataclass
+class ScoresConfig:
+    """The points that enter the protocol's ratios, scored once more, on many test images (inference only)."""
+
+    test_subset: str = "all"  # all 10,000 test images: a ratio's two ends carry the least noise
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.test_subset)
+
+
+@dataclass
+class LiveConfig:
+    """The live hot swap after each seed (live.py): the service, a client, a model update, an automatic re-sync."""
+
+    enabled: bool = True
+    test_subset: str = "random:1000"  # the images the client classifies before the swap, after it, after the re-sync
+    resync: ResyncConfig = field(default_factory=lambda: ResyncConfig(steps=100))  # white-box, on the client's images
+
+    def validate(self) -> None:
+        _subset(self.test_subset)
+        self.resync.validate()
 
 
 PROFILES = ("smoke", "quick", "paper")
@@ -397,14 +474,18 @@ class ProtocolConfig:
     profile: str = "paper"
     baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
-    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="all", flip=True))
-    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="all", flip=True))
+    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="range:0:45000", flip=True))
+    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="range:0:45000", flip=True))
     privacy: SuiteConfig = field(default_factory=SuiteConfig)  # the attack suite on O0 and on the final O
     robust: RobustConfig = field(default_factory=RobustConfig)
     resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
+    remap: RemapConfig = field(default_factory=RemapConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
 
     def validate(self) -> None:
         _choice("profile", self.profile, PROFILES)
+        self.live.validate()
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -519,15 +600,25 @@ class ServeConfig:
     device: str = "auto"  # auto | cpu | cuda
     batch_window_ms: float = 2.0  # how long a batch waits for more requests; 0 = no micro-batching
     max_batch_images: int = 256  # images per forward pass
-    max_request_images: int = 256  # images per request
-    max_body_mb: float = 16.0  # larger request bodies are answered with 413
+    max_request_images: int = 256  # images per request (an inference body may be as large as these need, no larger)
+    max_body_mb: float = 16.0  # no request body is larger (413), whatever the other limits allow
     threads: int = 0  # CPU threads for the model (0 = torch's default); fewer than cores when the CPU is shared
     serve_weights: bool = False  # let clients download each version's weights (white-box re-sync)
     no_auth: bool = False  # serve without tokens (trusted networks and tests only)
     log_level: str = "info"
+    ssl_certfile: str = ""  # PEM certificate (chain): with ssl_keyfile, the service speaks only https
+    ssl_keyfile: str = ""  # PEM private key of the certificate
+    max_queue_images: int = 1024  # images waiting for a forward pass; more are refused with 503 and Retry-After
+    queue_timeout_s: float = 10.0  # a request still waiting for its forward pass after this is dropped (503)
+    max_connections: int = 256  # open connections and requests at once; beyond, 503 (uvicorn's limit_concurrency)
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this, or is closed
+    body_timeout_s: float = 30.0  # and the request's body within this (408)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    allowed_hosts: list[str] = field(default_factory=list)  # Host headers accepted with no_auth ([] = loopback names)
 
     def validate(self) -> None:
-        for name in ("max_batch_images", "max_request_images", "max_body_mb"):
+        for name in ("max_batch_images", "max_request_images", "max_body_mb", "max_queue_images", "queue_timeout_s",
+                     "max_connections", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
             _positive(name, getattr(self, name))
         if self.threads < 0:
             raise UserError(f"config: threads = {self.threads} must be >= 0")
@@ -535,4 +626,12 @@ class ServeConfig:
             raise UserError(f"config: batch_window_ms = {self.batch_window_ms} must be >= 0")
         if not 0 <= self.port < 65536:
             raise UserError(f"config: port = {self.port} is not a TCP port")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise UserError("config: give both ssl_certfile and ssl_keyfile (or neither, for plain http)")
+        if self.max_request_images > self.max_batch_images:
+            raise UserError(f"config: max_request_images = {self.max_request_images} exceeds max_batch_images = "
+                            f"{self.max_batch_images}: a request must fit one forward pass")
+        if self.max_queue_images < self.max_request_images:
+            raise UserError(f"config: max_queue_images = {self.max_queue_images} cannot hold one request of "
+                            f"max_request_images = {self.max_request_images}")
         _choice("log_level", self.log_level, ("debug", "info", "warning", "error"))

@@ -243,6 +243,8 @@ class DeviceData:
 
 
 def select(data: Cifar10, spec: str, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a subset of one split. Test subsets are drawn with seed 0 by every caller that
+    compares runs, so that every seed, stage and obfuscator is scored on the same test images."""
     x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
     idx = subset_indices(spec, len(y), seed)
     return x[idx], y[idx]

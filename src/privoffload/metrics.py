@@ -18,6 +18,10 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from .data import DeviceData, quantize8
 from .runtime import Dist, autocast
 
+# Images per forward pass when scoring. Small batches keep the codec's full-resolution activations in cache: on a
+# 2-core CPU, 128 images at a time run the width-8 codec 4.5x and the width-16 ResNet18 1.6x faster than 1,000.
+EVAL_BATCH = 128
+
 
 def psnr_ssim(rec: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image PSNR (dB) and SSIM of reconstructions `rec` against originals `x`, both in [0, 1], in fp32."""
@@ -59,7 +63,7 @@ class _EvalMode:
 
 
 @torch.no_grad()
-def accuracy(classifier: nn.Module, data: DeviceData, *, bf16: bool = False, batch_size: int = 1000,
+def accuracy(classifier: nn.Module, data: DeviceData, *, bf16: bool = False, batch_size: int = EVAL_BATCH,
              dist: Dist = Dist()) -> float:
     """Top-1 accuracy of `classifier` on the clean images of `data`."""
     sums = _Sums(("correct",), data.device)
@@ -72,34 +76,54 @@ def accuracy(classifier: nn.Module, data: DeviceData, *, bf16: bool = False, bat
 
 @torch.no_grad()
 def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, *, deobf: nn.Module | None = None,
-                       bf16: bool = False, batch_size: int = 500, dist: Dist = Dist()) -> dict[str, float]:
+                       unquantized: bool = True, bf16: bool = False, batch_size: int = EVAL_BATCH,
+                       dist: Dist = Dist()) -> dict[str, float]:
     """Utility and privacy of an obfuscator side by side, with O run once per image.
 
-    `obfuscated_accuracy` (C on O(x)), `quantized_obfuscated_accuracy` (C on the 8-bit upload, what the cloud
-    sees) and, given a deobfuscator, its `deobfuscator_psnr_db` / `deobfuscator_ssim` on the upload.
+    `quantized_obfuscated_accuracy` (C on the 8-bit upload, what the cloud receives), `obfuscated_accuracy`
+    (C on O(x) before rounding; skipped with unquantized=False) and, given a deobfuscator, its
+    `deobfuscator_psnr_db` / `deobfuscator_ssim` on the upload.
     """
-    names = ("obfuscated", "quantized") + (("psnr", "ssim") if deobf is not None else ())
+    names = ("quantized",) + (("obfuscated",) if unquantized else ()) + (("psnr", "ssim") if deobf is not None else ())
     sums = _Sums(names, data.device)
     with _EvalMode(classifier, obf, deobf):
         for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
             with autocast(data.device, bf16):
                 z = obf(xb).float()
                 upload = quantize8(z)
-                scores = {"obfuscated": classifier(z).argmax(1) == yb, "quantized": classifier(upload).argmax(1) == yb}
+                scores = {"quantized": classifier(upload).argmax(1) == yb}
+                if unquantized:
+                    scores["obfuscated"] = classifier(z).argmax(1) == yb
                 rec = deobf(upload) if deobf is not None else None
             if rec is not None:  # scored in fp32, outside autocast
                 scores["psnr"], scores["ssim"] = psnr_ssim(rec, xb)
             sums.add(len(yb), **scores)
     m = sums.means(dist)
-    out = {"obfuscated_accuracy": m["obfuscated"], "quantized_obfuscated_accuracy": m["quantized"]}
+    out = {"quantized_obfuscated_accuracy": m["quantized"]}
+    if unquantized:
+        out["obfuscated_accuracy"] = m["obfuscated"]
     if deobf is not None:
         out.update(deobfuscator_psnr_db=m["psnr"], deobfuscator_ssim=m["ssim"])
     return out
 
 
 @torch.no_grad()
+def upload_accuracies(classifiers: dict[str, nn.Module], obf: nn.Module, data: DeviceData, *, bf16: bool = False,
+                      batch_size: int = EVAL_BATCH, dist: Dist = Dist()) -> dict[str, float]:
+    """The accuracy of each classifier on the same 8-bit uploads of `obf`: O runs once per image for all of them."""
+    names = tuple(classifiers)
+    sums = _Sums(names, data.device)
+    with _EvalMode(obf, *classifiers.values()):
+        for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                upload = quantize8(obf(xb).float())
+                sums.add(len(yb), **{k: c(upload).argmax(1) == yb for k, c in classifiers.items()})
+    return sums.means(dist)
+
+
+@torch.no_grad()
 def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *, bf16: bool = False,
-                           batch_size: int = 500, dist: Dist = Dist()) -> tuple[float, float]:
+                           batch_size: int = EVAL_BATCH, dist: Dist = Dist()) -> tuple[float, float]:
     """Mean per-image (PSNR in dB, SSIM) of deobf(quantize8(obf(x))) against x over `data`.
 
     `bf16` is the precision of the two networks' forward passes; the scores are computed in fp32.

@@ -158,6 +158,11 @@ def _from_json(name: str, data: Any, datatype: str, shape: list[int], count: int
     """JSON data (flat or nested, row-major) -> array; element kinds must fit the datatype."""
     if not isinstance(data, list):
         raise WireError(f"tensor {name!r}: data must be a list")
+    # count first (flat: every element; nested: the rows), so that a wrong body is refused before it is converted
+    nested = bool(data) and isinstance(data[0], list)
+    if len(data) != (shape[0] if nested and shape else count):
+        raise WireError(f"tensor {name!r}: shape {shape} has {count} elements, data has "
+                        f"{'another number of rows' if nested else len(data)}")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, RecursionError, OverflowError):

@@ -106,7 +106,7 @@ class RunDir:
 
     def finish(self) -> None:
         """Mark the run complete; the checkpoint stays so that a finished run can be extended."""
-        if self.dist.main:
+        if self.dist.main and not is_done(self.path):  # a reused run stays as it was
             atomic_write_bytes(self.path / "DONE", b"")
 
 

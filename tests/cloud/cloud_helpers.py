@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from privoffload.cloud.app import create_app
 from privoffload.cloud.auth import Tokens
-from privoffload.cloud.repository import Repository
+from privoffload.cloud.repository import Repository, new_key_pair
+from privoffload.cloud.server import uvicorn_config
 from privoffload.config import ServeConfig
 
 from ..helpers import calibrated, fit_head  # noqa: F401  (re-exported for the service tests)
@@ -25,24 +30,33 @@ def auth(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def make_repo(root: Path, files: list[Path]) -> Repository:
+def make_repo(root: Path, files: list[Path], signing_key: Path | None = None) -> Repository:
     repo = Repository(root)
     for f in files:
-        repo.publish(f, MODEL)
+        repo.publish(f, MODEL, signing_key=signing_key)
     return repo
 
 
+def key_pair(folder: Path, name: str = "publisher") -> tuple[Path, Path]:
+    return new_key_pair(folder, name)
+
+
 class LiveServer:
-    """The app under a real uvicorn, on a free loopback port, in a background thread."""
+    """The app under a real uvicorn, on a free loopback port, in a background thread: with the service's own
+    uvicorn settings (TLS, timeouts, limits) when the app has a ServeConfig, else uvicorn's defaults."""
 
     def __init__(self, app):
         self.app = app
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio then sets TCP_NODELAY on each connection, without
+        # which every answer on a kept-alive connection waits ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+        cfg = getattr(getattr(app, "state", None), "config", None)
+        self.url = f"{'https' if cfg and cfg.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn_config(app, cfg) if cfg else uvicorn.Config(app, log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":
@@ -60,6 +74,39 @@ class LiveServer:
         self.sock.close()
 
 
-def serve(repo: Repository, **settings) -> LiveServer:
+def serve(repo: Repository, tokens: Tokens | None = None, **settings) -> LiveServer:
     cfg = ServeConfig(repo=str(repo.root), device="cpu", **settings)
-    return LiveServer(create_app(cfg, Tokens.of(TOKEN, ADMIN)))
+    return LiveServer(create_app(cfg, tokens or Tokens.of(TOKEN, ADMIN)))
+
+
+class ServeProcess:
+    """`privoffload serve` as an operator runs it: a subprocess on a free loopback port, up once it is ready.
+    Its own process, so that what it does to its own event loop (GIL included) is measured alone."""
+
+    def __init__(self, repo: Path, *args: str, **popen):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "privoffload", "serve", "--repo", str(repo), "--port", str(self.port),
+                    "--device", "cpu", *args]
+        self.env = {**os.environ, "PRIVOFFLOAD_TOKEN": TOKEN, "PRIVOFFLOAD_ADMIN_TOKEN": ADMIN, **popen.pop("env", {})}
+        self.popen, self.logs = popen, ""
+
+    def __enter__(self) -> "ServeProcess":
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stderr=subprocess.PIPE, text=True, **self.popen)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"serve did not start:\n{self.logs[-2000:]}")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        _, self.logs = self.proc.communicate(timeout=30)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .cloud_helpers import calibrated, fit_head, make_repo, serve
+from .cloud_helpers import calibrated, fit_head, key_pair, make_repo, serve
 from privoffload import nets
 
 
@@ -41,3 +41,9 @@ def live(tmp_path_factory, weights):
     with serve(repo, serve_weights=True, max_body_mb=1.0) as server:
         server.repo = repo
         yield server
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> tuple[Path, Path]:
+    """The publisher's key pair: (private PEM, public PEM)."""
+    return key_pair(tmp_path_factory.mktemp("keys"))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ..helpers import free_port
-from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, LiveServer, auth, make_repo, serve
 from privoffload import nets, oip
 from privoffload.cli import app as cli
 from privoffload.client import (AuthError, BadServer, Client, RequestRejected, ServerUnavailable, load_obfuscator,
@@ -218,3 +221,94 @@ def test_command_line_serve_publish_classify(tmp_path, weights, cifar):
     records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert any(r["event"] == "serving" for r in records) and any(r.get("status") == 401 for r in records)
     assert all(line.startswith("{") for line in logs.splitlines() if line.strip()), logs[-500:]
+
+
+class Hostile:
+    """A server that answers whatever `script` says: a list of (status, headers, body or a chunk generator),
+    one per request, the last repeated. It counts the requests it gets."""
+
+    def __init__(self):
+        self.script, self.requests = [], 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.requests += 1
+        status, headers, body = self.script[min(self.requests, len(self.script)) - 1]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+        if isinstance(body, bytes):
+            return await send({"type": "http.response.body", "body": body})
+        async for chunk in body():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def answer(version="1", **replaced) -> tuple:
+    """A JSON answer for one image; `replaced` tensors (by name) take the place of the right ones."""
+    tensors = {"probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10},
+               "class": {"name": "class", "datatype": "INT64", "shape": [1], "data": [3]},
+               "label": {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["cat"]}}
+    tensors.update({k: {"name": k, **v} for k, v in replaced.items()})
+    body = {"model_name": MODEL, "model_version": version, "outputs": list(tensors.values())}
+    return 200, {"content-type": "application/json"}, json.dumps(body).encode()
+
+
+def test_the_client_survives_a_hostile_server(weights, cifar):
+    """Whatever a server sends, the client raises one of its one-line errors, never anything else, never hangs,
+    and never holds more than it expects."""
+    hostile = Hostile()
+    x, obf = cifar.x_test[:1], lambda a: np.asarray(a, np.float32) / 255
+    mangled = {
+        "a version that is a path": answer(version="1/../../metrics?"),
+        "a version that is a number": answer(version=1),
+        "probabilities as text": answer(probabilities={"datatype": "BYTES", "shape": [1], "data": ["x"]}),
+        "labels as numbers": answer(label={"datatype": "INT64", "shape": [1], "data": [3]}),
+        "a class out of range": answer(**{"class": {"datatype": "INT64", "shape": [1], "data": [12]}}),
+        "NaN probabilities": answer(probabilities={"datatype": "FP32", "shape": [1, 10], "data": [float("nan")] * 10}),
+        "two answers for one image": answer(probabilities={"datatype": "FP32", "shape": [2, 10], "data": [0.1] * 20}),
+        "outputs that are an object": (200, {}, b'{"model_version": "1", "outputs": {"class": 1}}'),
+        "a 10 MiB answer": (200, {}, b" " * (10 << 20)),
+        "a 500 in HTML": (500, {}, b"<html>oops</html>"),
+    }
+    with LiveServer(hostile) as server, Client(server.url, obf, token=TOKEN, retries=0) as client:
+        for case, reply in mangled.items():
+            hostile.script = [reply]
+            with pytest.raises(BadServer) as e:
+                client.classify(x)
+            assert "\n" not in str(e.value), case
+        assert client.last_version is None  # nothing it said was believed
+
+        async def drip():  # for 1.5 s, far past the client's patience
+            for _ in range(30):
+                yield b" "
+                await asyncio.sleep(0.05)
+
+        hostile.script, hostile.requests = [(200, {}, drip)], 0
+        with Client(server.url, obf, token=TOKEN, timeout=0.5, retries=3) as slow, \
+                pytest.raises(ServerUnavailable, match="took over 0.5 s"):
+            slow.classify(x)
+        assert hostile.requests == 1  # not re-sent: the server has the images already
+
+        hostile.script, hostile.requests = [(503, {"retry-after": "1"}, b"busy"), answer()], 0
+        start = time.perf_counter()
+        with Client(server.url, obf, token=TOKEN, retries=2, backoff=0.01) as patient:
+            assert patient.classify(x).model_version == "1"
+            assert patient.uploaded == 2  # the retry counts as an upload too
+        assert time.perf_counter() - start >= 1.0 and hostile.requests == 2  # it waited as the server asked
+
+        hostile.script = [(200, {}, b"weights without a hash")]
+        with pytest.raises(BadServer, match="X-Model-Sha256"):
+            client.download_weights("1", Path(tempfile.mkdtemp()) / "w")
+
+        async def endless():  # 16 MiB, far past what the client takes
+            for _ in range(16):
+                yield bytes(1 << 20)
+
+        target = Path(tempfile.mkdtemp()) / "w"
+        hostile.script = [(200, {"x-model-sha256": "0" * 64}, endless)]
+        with Client(server.url, obf, token=TOKEN, max_download_mb=2) as capped, pytest.raises(BadServer, match="more than"):
+            capped.download_weights("1", target)
+        assert not target.exists() and not list(target.parent.iterdir())  # nothing half-written is left

@@ -16,7 +16,8 @@ from safetensors.numpy import load as load_safetensors
 from tritonclient.utils import InferenceServerException
 
 from privoffload import nets, oip
-from .cloud_helpers import ADMIN, MODEL, TOKEN, auth
+from privoffload.cloud.auth import Tokens
+from .cloud_helpers import ADMIN, MODEL, TOKEN, auth, make_repo, serve
 
 
 def offline_probs(path, pixels: np.ndarray) -> np.ndarray:
@@ -105,8 +106,22 @@ def test_tokens(live):
     assert httpx.post(url, json=body, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     assert httpx.post(url, json=body, headers=auth(ADMIN)).status_code == 200  # the admin token may also infer
     assert httpx.post(f"{live.url}/v2/repository/models/{MODEL}/load", headers=auth()).status_code == 403
-    assert httpx.get(f"{live.url}/metrics", headers=auth()).status_code == 403
-    assert httpx.get(f"{live.url}/metrics", headers=auth(ADMIN)).status_code == 200
+    assert httpx.get(f"{live.url}/metrics").status_code == 401
+    assert httpx.get(f"{live.url}/metrics", headers=auth()).status_code == 200  # no metrics token set: the inference one
+
+
+def test_metrics_take_their_own_token(tmp_path, weights):
+    """A Prometheus scraper holds the metrics token: it reads /metrics and nothing else, and needs no admin token."""
+    scraper = "metrics-token-for-the-tests"
+    with serve(make_repo(tmp_path / "repo", [weights["c1"]]), tokens=Tokens.of(TOKEN, ADMIN, scraper)) as server:
+        r = httpx.get(f"{server.url}/metrics", headers=auth(scraper))
+        assert r.status_code == 200 and "privoffload_model_version" in r.text
+        assert httpx.get(f"{server.url}/metrics", headers=auth(ADMIN)).status_code == 200
+        assert httpx.get(f"{server.url}/metrics", headers=auth()).status_code == 403  # the inference token, once it has one
+        body = infer_json(np.zeros((1, 3, 32, 32), np.uint8))
+        assert httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, headers=auth(scraper)).status_code == 403
+        load = httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={}, headers=auth(scraper))
+        assert load.status_code == 403 and "admin token" in load.json()["error"]
 
 
 def test_body_limit_answers_413(live):
@@ -176,13 +191,15 @@ def test_bad_tensors_answer_400(live, case):
 
 
 def test_weights_download_and_metrics(live, weights):
-    r = httpx.get(f"{live.url}/v2/models/{MODEL}/versions/1/weights", headers=auth())
-    assert r.status_code == 200 and r.headers["x-model-sha256"] == live.repo.manifest(MODEL, 1).sha256
-    ours = load_safetensors(weights["c1"].read_bytes())
+    r = httpx.get(f"{live.url}/v2/models/{MODEL}/versions/2/weights", headers=auth())
+    assert r.status_code == 200 and r.headers["x-model-sha256"] == live.repo.manifest(MODEL, 2).sha256
+    ours = load_safetensors(weights["c2"].read_bytes())
     theirs = load_safetensors(r.content)
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+    r = httpx.get(f"{live.url}/v2/models/{MODEL}/versions/1/weights", headers=auth())  # never loaded here: unverified
+    assert r.status_code == 404 and "verified" in r.json()["error"]
 
-    text = httpx.get(f"{live.url}/metrics", headers=auth(ADMIN)).text
+    text = httpx.get(f"{live.url}/metrics", headers=auth()).text
     assert f'privoffload_model_version{{model="{MODEL}"}} 2.0' in text
     assert 'privoffload_requests_total{route="/v2/models/{name}/infer",status="200"}' in text
     assert "privoffload_batch_images_count" in text and "privoffload_request_seconds_bucket" in text

@@ -29,7 +29,7 @@ def test_serve_refuses_weak_or_shared_tokens(tmp_path, weights):
     short = run_cli("serve", "--repo", repo.root, check=False, env={"PRIVOFFLOAD_TOKEN": "short", "PRIVOFFLOAD_ADMIN_TOKEN": strong})
     assert_user_error(short, "PRIVOFFLOAD_TOKEN", "at least")
     same = run_cli("serve", "--repo", repo.root, check=False, env={"PRIVOFFLOAD_TOKEN": strong, "PRIVOFFLOAD_ADMIN_TOKEN": strong})
-    assert_user_error(same, "must differ")
+    assert_user_error(same, "must all differ")
 
 
 def test_no_auth_serves_everyone_and_says_so(tmp_path, weights):
@@ -82,7 +82,8 @@ def test_canary_triggers_a_resync_when_the_version_signal_is_off(tmp_path, weigh
     drift = DriftConfig(on_version_change=False, canary_threshold=0.99, canary_every=1)
     with serve(repo, serve_weights=True) as server, \
             AutoSyncClient(server.url, state, cifar.x_train[:128], cifar.y_train[:128], drift=drift, canary=canary,
-                           resync_cfg=ResyncConfig(steps=2, batch_size=32, eval_every=2), token=TOKEN) as client:
+                           resync_cfg=ResyncConfig(steps=2, batch_size=32, eval_every=2, max_queries=64, rounds=1,
+                                                   surrogate_steps=2, queries=["plain"]), token=TOKEN) as client:
         hot_swap(server, repo, weights["c2"])
         client.classify(cifar.x_test[:4])
     logged = events(state)

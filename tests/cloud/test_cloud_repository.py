@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import resource
+import shutil
+import stat
+import tempfile
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from .cloud_helpers import MODEL
+from .cloud_helpers import ADMIN, MODEL, ServeProcess, auth
+from privoffload import nets
 from privoffload.cli import app as cli
-from privoffload.cloud.repository import MANIFEST, Repository, sha256_of
+from privoffload.cloud.repository import MANIFEST, WEIGHTS, Repository, sha256_of
 from privoffload.cloud.store import ModelStore
 from privoffload.data import CLASSES
 from privoffload.errors import UserError
@@ -69,3 +79,94 @@ def test_start_loads_the_newest_version_that_verifies(tmp_path, weights):
     repo.weights_path(MODEL, 3).write_bytes(repo.weights_path(MODEL, 3).read_bytes()[:-10])  # truncated
     store = ModelStore.open(repo, torch.device("cpu"))
     assert store.current[MODEL].version == 2 and "damaged" in store.failures[(MODEL, 3)]
+
+
+def bound_by_file_modes() -> dict:
+    """Popen arguments under which a command obeys file modes as a service account does, even when the tests run
+    as root: root's capabilities to read and search past them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) are dropped."""
+    if os.geteuid() != 0:
+        return {}
+
+    def drop():
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # PR_CAPBSET_DROP = 24: gone from the bounding set, gone after exec
+            if libc.prctl(24, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return {"preexec_fn": drop}
+
+
+def test_a_server_bound_by_file_modes_reads_what_publish_wrote_and_refuses_what_it_cannot_read(weights):
+    """publish writes 0755 folders and 0644 files; a version nobody may read (as an older publish left them, 0700)
+    is a refused version with a reason, at start and later: never a crash, a traceback or a 500."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)
+        repo = Repository(root / "repo")
+        repo.publish(weights["c1"], MODEL)
+        repo.publish(weights["c2"], MODEL)
+        version = root / "repo" / MODEL / "1"
+        assert stat.S_IMODE(version.stat().st_mode) == 0o755 and stat.S_IMODE((version / MANIFEST).stat().st_mode) == 0o644
+        (root / "repo" / MODEL / "2").chmod(0o000)  # unreadable to the server's user, whoever it is
+        try:
+            with ServeProcess(root / "repo", cwd=tmp, env={"HOME": tmp}, **bound_by_file_modes()) as server:
+                url = server.url
+                get = lambda path: httpx.get(f"{url}{path}", headers=auth())  # noqa: E731
+                assert get(f"/v2/models/{MODEL}").json()["versions"] == ["1"]
+                answers = [get(f"/v2/models/{MODEL}/versions/2"), get(f"/v2/models/{MODEL}/versions/2/ready"),
+                           httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={"parameters": {"version": 2}},
+                                      headers=auth(ADMIN), timeout=60)]
+                assert [r.status_code for r in answers] == [400, 400, 400], [r.text for r in answers]
+                assert "Permission denied" in answers[2].json()["error"] and "version 1 keeps serving" in answers[2].json()["error"]
+                index = httpx.post(f"{url}/v2/repository/index", headers=auth()).json()
+                assert [(e["version"], e["state"]) for e in index] == [("1", "READY"), ("2", "UNAVAILABLE")]
+                assert "Permission denied" in index[1]["reason"]
+                assert all(tmp not in r.text for r in answers) and tmp not in json.dumps(index)  # no paths of the server
+
+                repo.publish(weights["c3"], MODEL)  # published now: the server's user can read it and swap it in
+                r = httpx.post(f"{url}/v2/repository/models/{MODEL}/load", json={}, headers=auth(ADMIN), timeout=60)
+                assert r.status_code == 200 and r.json()["version"] == "3", r.text
+        finally:
+            (root / "repo" / MODEL / "2").chmod(0o755)
+        logs = server.logs
+        assert "Traceback" not in logs and all(line.startswith("{") for line in logs.splitlines() if line.strip()), logs[-800:]
+
+
+def hostile_file(folder: Path, name: str, width: str, tensors: dict | None = None) -> Path:
+    path = folder / f"{name}.safetensors"
+    save_file(tensors or {"x": torch.zeros(1)}, str(path), metadata={"arch": "resnet18", "width": width})
+    return path
+
+
+def test_hostile_weights_are_refused_before_anything_is_built(tmp_path, weights):
+    """Files that lie about their width or hold the wrong tensors: one-line refusals, and no memory spent."""
+    good = load_file(str(weights["c1"]))
+    files = {
+        "a width that is a word": hostile_file(tmp_path, "word", "sixteen"),
+        "a width of 4096 in 116 bytes": hostile_file(tmp_path, "huge", "4096"),
+        "a width of 0": hostile_file(tmp_path, "zero", "0"),
+        "the right width, the wrong tensors": hostile_file(tmp_path, "names", "8"),
+        "a tensor of the wrong shape": hostile_file(tmp_path, "shape", "8", {**good, "fc.weight": torch.zeros(10, 999)}),
+    }
+    assert files["a width of 4096 in 116 bytes"].stat().st_size == 116
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runner = CliRunner()
+    for case, path in files.items():  # the operator's command: exit 2 and one line, never a traceback
+        result = runner.invoke(cli, ["publish", str(path), "--repo", str(tmp_path / "repo")])
+        assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1, \
+            (case, result.output, result.exception)
+        with pytest.raises(UserError):
+            nets.load(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    assert grown_mb < 100, grown_mb  # a width-4096 ResNet18 would take hundreds of gigabytes
+
+    # a server that finds such a version on disk at start serves the one before, and says why
+    repo = Repository(tmp_path / "served")
+    repo.publish(weights["c1"], MODEL)
+    version = tmp_path / "served" / MODEL / "2"
+    version.mkdir()
+    shutil.copyfile(files["a width of 4096 in 116 bytes"], version / WEIGHTS)
+    manifest = json.loads((tmp_path / "served" / MODEL / "1" / MANIFEST).read_text())
+    (version / MANIFEST).write_text(json.dumps({**manifest, "version": 2, "width": 4096, "sha256": sha256_of(version / WEIGHTS)}))
+    store = ModelStore.open(repo, torch.device("cpu"))
+    assert store.current[MODEL].version == 1 and "width '4096'" in store.failures[(MODEL, 2)]

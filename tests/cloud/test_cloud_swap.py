@@ -15,6 +15,7 @@ import tritonclient.http as triton
 from .cloud_helpers import ADMIN, MODEL, auth, make_repo, serve
 from privoffload import nets
 from privoffload.client import Client
+from privoffload.cloud.auth import Tokens
 from privoffload.cloud.repository import MANIFEST, WEIGHTS, sha256_of
 
 
@@ -43,7 +44,7 @@ def forge(repo, version: int, weights_file, **manifest) -> None:
 
 def test_refused_loads_keep_the_old_version(tmp_path, weights):
     repo = make_repo(tmp_path / "repo", [weights["c1"], weights["c2"]])
-    with serve(repo) as server:
+    with serve(repo, serve_weights=True) as server:
         assert serving(server) == "2"
         with triton.InferenceServerClient(server.url.removeprefix("http://")) as client:  # a standard client reloads
             client.load_model(MODEL, headers=auth(ADMIN))
@@ -77,7 +78,38 @@ def test_refused_loads_keep_the_old_version(tmp_path, weights):
         assert [(e["version"], e["state"]) for e in ready] == [("1", "READY")]
         metrics = httpx.get(f"{server.url}/metrics", headers=auth(ADMIN)).text
         assert f'privoffload_model_loads_total{{model="{MODEL}",result="refused"}} 6.0' in metrics
-        assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1/weights", headers=auth()).status_code == 404  # off by default
+        assert all(str(repo.root) not in r for r in reasons.values())  # versions are named, paths are not
+
+        # only verified versions are handed out: the serving one, not a refused one
+        assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1/weights", headers=auth()).status_code == 200
+        for v in expected:
+            assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/{v}/weights", headers=auth()).status_code == 404
+        # metadata describes the version being served, whatever is newest on disk
+        forge(repo, 8, weights["c1"], classes=["cat", "dog"])
+        meta = httpx.get(f"{server.url}/v2/models/{MODEL}", headers=auth()).json()
+        assert meta["versions"] == ["1"] and meta["outputs"][0]["shape"] == [-1, 10]
+        # a version is a number and nothing after it
+        assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1%0A/ready", headers=auth()).status_code == 404
+
+
+def test_the_batching_worker_is_watched_and_the_host_checked_without_tokens(tmp_path, weights):
+    repo = make_repo(tmp_path / "repo", [weights["c1"]])
+    with serve(repo, tokens=Tokens(None, None)) as server:
+        assert serving(server) == "1"
+        batcher = server.app.state.store.batchers[MODEL]
+        dead = batcher.task
+        dead.get_loop().call_soon_threadsafe(dead.cancel)  # the worker dies (as a bug would kill it)
+        deadline = time.monotonic() + 10
+        while batcher.task is dead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dead.done() and batcher.alive
+        assert serving(server) == "1"  # restarted: requests are still answered
+        assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+        assert 'privoffload_batcher_restarts_total{model="cifar10-resnet18"} 1.0' in httpx.get(f"{server.url}/metrics").text
+        # no tokens: a page on another site that rebinds its name to this address is turned away by its Host
+        assert httpx.get(f"{server.url}/v2", headers={"Host": "attacker.example"}).status_code == 400
+        assert httpx.get(f"{server.url}/v2").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1/weights").status_code == 404  # off by default
 
 
 def test_hot_swap_under_load(tmp_path, weights, cifar):

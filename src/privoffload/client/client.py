@@ -4,28 +4,47 @@ It speaks the Open Inference Protocol v2 (binary tensor data by default), rememb
 version the cloud answered with, and calls `on_version_change(old, new)` when that changes: the
 cloud retrained its classifier, and the obfuscator may need re-syncing (client/drift.py decides,
 client/resync.py does it; `download_weights` fetches a version's weights where the cloud publishes them).
+
+It trusts the server with nothing it cannot check: the token goes over plain http only to this
+machine (or when told to), answers are read with a size cap and a deadline and must be the
+protocol's tensors with a plain version number, and downloaded weights must match the manifest
+the publisher signed (with `publisher_key`), whatever server or proxy sent them.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import ipaddress
+import json
+import math
 import random
+import re
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import httpx
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .. import oip
 from ..errors import UserError
-from ..runtime import atomic_write_bytes
+from ..runtime import atomic_path
 from .images import read_images
 from .obfuscator import Obfuscate, load_obfuscator, quantize
 
 DEFAULT_MODEL = "cifar10-resnet18"
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_RETRY_AFTER = 60.0  # seconds; a server asking for longer is waited for this long
 VersionHook = Callable[[str | None, str], None]
+UploadHook = Callable[[int, int], None]  # (images, attempt) before each upload; may raise to stop it
 
 
 class ClientError(UserError):
@@ -69,28 +88,68 @@ class Result:
         return self.versions[-1]
 
 
+class Reply(NamedTuple):
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_publisher_key(path: str | Path) -> Ed25519PublicKey:
+    """The publisher's Ed25519 public key, PEM (`openssl pkey -in publisher.pem -pubout`)."""
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except OSError as e:
+        raise UserError(f"cannot read the publisher key {path} ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not a PEM public key ({str(e)[:80]})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UserError(f"{path} is not an Ed25519 public key")
+    return key
+
+
 class Client:
-    """`Client(url, obfuscator=RUN)`; then `classify(images)` or `classify_files(paths)`."""
+    """`Client(url, obfuscator=RUN)`; then `classify(images)` or `classify_files(paths)`.
+
+    `ca_cert`: the CA (PEM) that signed the server's certificate, for a private or self-signed one.
+    `allow_http`: send the token over plain http to another machine. `publisher_key`: the PEM public key
+    whose signature downloaded weights must carry. `uploaded` counts the images sent, retries included.
+    """
 
     def __init__(self, server: str, obfuscator: str | Path | Obfuscate, *, token: str | None = None,
                  model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 3, backoff: float = 0.25,
                  binary: bool = True, images_per_request: int = 256, model_version: str | None = None,
-                 on_version_change: VersionHook | None = None, transport: httpx.BaseTransport | None = None):
+                 on_version_change: VersionHook | None = None, ca_cert: str | Path | None = None,
+                 allow_http: bool = False, publisher_key: str | Path | None = None, max_download_mb: float = 512.0,
+                 transport: httpx.BaseTransport | None = None):
         try:
-            valid = server.startswith(("http://", "https://")) and bool(httpx.URL(server).host)
+            url = httpx.URL(server)
+            valid = server.startswith(("http://", "https://")) and bool(url.host)
         except httpx.InvalidURL:
             valid = False
         if not valid:
-            raise ClientError(f"server {server!r} must be a URL like http://host:8000")
+            raise ClientError(f"server {server!r} must be a URL like https://host:8000")
+        if token and url.scheme == "http" and not is_loopback(url.host) and not allow_http:
+            raise ClientError(f"refusing to send the token to {server} over plain http, where anyone on the way can "
+                              f"read it; use https, or allow_http (--allow-http) on a network you trust")
+        self.publisher_key = load_publisher_key(publisher_key) if publisher_key else None
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
-        self.url = f"{server.rstrip('/')}/v2/models/{model}/infer"
-        self.server, self.model = server, model
-        self.retries, self.backoff, self.binary = retries, backoff, binary
+        self.server, self.model = server.rstrip("/"), model
+        self.url = f"{self.server}/v2/models/{model}/infer"
+        self.timeout, self.retries, self.backoff, self.binary = timeout, retries, backoff, binary
         self.images_per_request = images_per_request
+        self.max_download = int(max_download_mb * 2**20)
         self.last_version = model_version
         self.on_version_change = on_version_change
+        self.uploaded = 0
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport, verify=_trust(ca_cert))
 
     def close(self) -> None:
         self.http.close()
@@ -110,90 +169,209 @@ class Client:
     def classify_files(self, paths: list[str | Path]) -> Result:
         return self.classify(read_images(paths))
 
-    def send(self, pixels: np.ndarray) -> Result:
-        """Upload already-obfuscated uint8 pixels [N, 3, 32, 32], in requests of `images_per_request`."""
-        parts = [self._infer(pixels[i:i + self.images_per_request]) for i in range(0, len(pixels), self.images_per_request)]
-        return Result(np.concatenate([p.classes for p in parts]), [lab for p in parts for lab in p.labels],
-                      np.concatenate([p.probabilities for p in parts]), [v for p in parts for v in p.versions])
+    def send(self, pixels: np.ndarray, on_upload: UploadHook | None = None) -> Result:
+        """Upload already-obfuscated uint8 pixels [N, 3, 32, 32], in requests of `images_per_request`.
+
+        `on_upload(images, attempt)` is called before every upload, retries included (a query budget)."""
+        parts = [self._infer(pixels[i:i + self.images_per_request], on_upload)
+                 for i in range(0, len(pixels), self.images_per_request)]
+        return Result(np.concatenate([p.classes for p in parts] or [np.zeros(0, np.int64)]),
+                      [lab for p in parts for lab in p.labels],
+                      np.concatenate([p.probabilities for p in parts] or [np.zeros((0, 10), np.float32)]),
+                      [v for p in parts for v in p.versions])
 
     def download_weights(self, version: str, path: str | Path) -> Path:
-        """Fetch a version's classifier weights (safetensors) into `path`, atomically, checking their sha256."""
-        url = f"{self.server.rstrip('/')}/v2/models/{self.model}/versions/{version}/weights"
+        """Fetch a version's classifier weights (safetensors) into `path`, atomically and durably, streamed
+        with a size cap. Their sha256 must be the one the publisher signed (with `publisher_key`), or else at
+        least the one announced in the answer's X-Model-Sha256."""
+        version = self._version(version)
+        expected = self._signed_sha256(version) if self.publisher_key else None
+        url = f"{self.server}/v2/models/{self.model}/versions/{version}/weights"
         try:
-            response = self.http.get(url)
+            with self.http.stream("GET", url) as response, atomic_path(path) as tmp:
+                if response.status_code == 404:
+                    raise WeightsUnavailable(f"{self.server} does not publish the weights of {self.model} version {version}")
+                if response.status_code != 200:
+                    self._check(self._read(response, 64 * 1024, self.timeout), url)
+                announced = response.headers.get("x-model-sha256", "")
+                if expected is None and not SHA256.fullmatch(announced):
+                    raise BadServer(f"{self.server} sent weights without a valid X-Model-Sha256 header")
+                digest = hashlib.sha256()
+                with open(tmp, "wb") as f:
+                    for chunk in self._chunks(response, self.max_download, self.timeout + self.max_download / 2**20):
+                        digest.update(chunk)
+                        f.write(chunk)
+                if digest.hexdigest() != (expected or announced):
+                    raise BadServer(f"{self.server} sent weights of {self.model} version {version} whose sha256 "
+                                    f"{digest.hexdigest()[:12]}... is not the {'signed' if expected else 'announced'} one")
         except httpx.HTTPError as e:
             raise ServerUnavailable(f"cannot fetch weights from {self.server} ({type(e).__name__}: {str(e)[:80]})") from None
-        if response.status_code == 404:
-            raise WeightsUnavailable(f"{self.server} does not publish the weights of {self.model} version {version}")
-        response = self._check(response)
-        digest = hashlib.sha256(response.content).hexdigest()
-        if digest != response.headers.get("x-model-sha256", digest):
-            raise BadServer(f"{self.server} sent weights whose sha256 {digest[:12]}... is not the one it announced")
-        atomic_write_bytes(path, response.content)
         return Path(path)
 
     # ---- one request
 
-    def _infer(self, pixels: np.ndarray) -> Result:
+    def _infer(self, pixels: np.ndarray, on_upload: UploadHook | None) -> Result:
         spec, raw = oip.tensor("images", pixels, "UINT8", self.binary)
         header = {"inputs": [spec], "parameters": {"binary_data_output": self.binary}}
         body, headers = oip.join_body(header, [raw] if raw is not None else [])
-        response = self._post(body, headers)
+        reply = self._post(body, headers, len(pixels), on_upload)
+        n = len(pixels)
         try:
-            head, tail = oip.split_body(response.content, response.headers.get(oip.HEADER_LENGTH))
+            head, tail = oip.split_body(reply.content, reply.headers.get(oip.HEADER_LENGTH))
+            if not isinstance(head.get("outputs"), list):
+                raise oip.WireError("no outputs")
             outputs, offset = {}, 0
-            for spec in head.get("outputs", []):
-                outputs[spec.get("name")], offset = oip.read_tensor(spec, tail, offset)
-            probs = np.asarray(outputs["probabilities"], dtype=np.float32)
-            classes = np.asarray(outputs["class"], dtype=np.int64)
-            labels = [b.decode() for b in outputs["label"]]
-            version = head["model_version"]
-        except (oip.WireError, KeyError, TypeError, UnicodeDecodeError) as e:
+            for spec in head["outputs"]:
+                outputs[spec.get("name") if isinstance(spec, dict) else None], offset = oip.read_tensor(spec, tail, offset)
+            probs, classes, labels = outputs["probabilities"], outputs["class"], outputs["label"]
+            if not (isinstance(probs, np.ndarray) and probs.dtype.kind == "f" and probs.ndim == 2 and len(probs) == n
+                    and np.isfinite(probs).all()):
+                raise oip.WireError("probabilities are not finite numbers [N, classes]")
+            if not (isinstance(classes, np.ndarray) and classes.dtype.kind in "iu" and classes.shape == (n,)
+                    and ((0 <= classes) & (classes < probs.shape[1])).all()):
+                raise oip.WireError("class is not N class numbers")
+            if not (isinstance(labels, list) and len(labels) == n):
+                raise oip.WireError("label is not N strings")
+            labels = [b.decode() for b in labels]
+        except (oip.WireError, KeyError, UnicodeDecodeError) as e:
             raise BadServer(f"{self.server} answered, but not with this model's outputs ({str(e)[:100]})") from None
-        if not (len(classes) == len(labels) == len(probs) == len(pixels)) or not isinstance(version, str):
-            raise BadServer(f"{self.server} answered {len(classes)} results for {len(pixels)} images")
+        version = head.get("model_version")
+        if not isinstance(version, str) or not VERSION.fullmatch(version):
+            raise BadServer(f"{self.server} answered with the model version {str(version)[:20]!r}, not a version number")
         self._saw(version)
-        return Result(classes, labels, probs, [version] * len(pixels))
+        return Result(classes.astype(np.int64), labels, probs.astype(np.float32), [version] * n)
 
     def _saw(self, version: str) -> None:
         old, self.last_version = self.last_version, version
         if old is not None and old != version and self.on_version_change is not None:
             self.on_version_change(old, version)
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        """POST with retries (exponential backoff with jitter) on connection errors, timeouts and 503."""
+    def _post(self, body: bytes, headers: dict[str, str], images: int, on_upload: UploadHook | None) -> Reply:
+        """POST with retries (exponential backoff with jitter, or the server's Retry-After) where the request
+        could not be answered: no connection, a dropped connection, 503. Not after a timeout: the server has the
+        images and may be working on them; sending them again would upload them twice and add to its load."""
+        cap = 64 * 1024 + 4096 * images  # an answer is a few hundred bytes per image
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+            last, wait = attempt == self.retries, 0.0
+            if on_upload is not None:
+                on_upload(images, attempt)
+            self.uploaded += images
             try:
-                response = self.http.post(self.url, content=body, headers=headers)
-            except httpx.TimeoutException:
+                with self.http.stream("POST", self.url, content=body, headers=headers) as response:
+                    reply = self._read(response, cap, self.timeout)
+            except httpx.ConnectTimeout:
                 if last:
-                    raise ServerUnavailable(f"{self.server} did not answer within {self.http.timeout.read} s "
-                                            f"({attempt + 1} tries); is it overloaded?") from None
+                    raise ServerUnavailable(f"cannot connect to {self.server} within {self.timeout} s "
+                                            f"({attempt + 1} tries); is it reachable?") from None
+            except httpx.TimeoutException:
+                raise ServerUnavailable(f"{self.server} did not answer within {self.timeout} s "
+                                        f"({attempt + 1} tries); is it overloaded?") from None
             except httpx.TransportError as e:
+                if _untrusted_certificate(e):
+                    raise ClientError(f"the certificate of {self.server} is not trusted ({str(e)[:120]}); give the CA "
+                                      f"that signed it (ca_cert, --ca-cert)") from None
                 if last:
                     raise ServerUnavailable(f"cannot reach {self.server} ({type(e).__name__}: {str(e)[:80]}) "
                                             f"after {attempt + 1} tries; is the server running?") from None
             except httpx.HTTPError as e:  # e.g. an undecodable response
                 raise BadServer(f"{self.server} sent a broken response ({type(e).__name__}: {str(e)[:80]})") from None
             else:
-                if response.status_code != 503 or last:
-                    return self._check(response)
-            time.sleep(self.backoff * 2**attempt * (0.5 + random.random()))
+                if reply.status != 503 or last:
+                    return self._check(reply, self.url)
+                wait = _retry_after(reply.headers)
+            time.sleep(max(wait, self.backoff * 2**attempt * (0.5 + random.random())))
         raise AssertionError("unreachable")
 
-    def _check(self, response: httpx.Response) -> httpx.Response:
-        if response.status_code == 200:
-            return response
-        status = response.status_code
+    def _read(self, response: httpx.Response, cap: int, seconds: float) -> Reply:
+        return Reply(response.status_code, response.headers, b"".join(self._chunks(response, cap, seconds)))
+
+    def _chunks(self, response: httpx.Response, cap: int, seconds: float) -> Iterator[bytes]:
+        """The body, decoded, refused past `cap` bytes or `seconds` in all (a hostile server may send forever)."""
+        deadline, size = time.monotonic() + seconds, 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise BadServer(f"{self.server} sent more than {cap} bytes where far fewer were due")
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(f"{self.server} took over {seconds:g} s to send its answer")
+            yield chunk
+
+    def _check(self, reply: Reply, url: str) -> Reply:
+        if reply.status == 200:
+            return reply
+        status = reply.status
+        if status == 503:
+            raise ServerUnavailable(f"{self.server} is unavailable (503) after {self.retries + 1} tries; it is "
+                                    f"overloaded or restarting, try again later")
         try:
-            message = str(response.json()["error"])[:300]
+            message = str(json.loads(reply.content)["error"])[:300]
         except (ValueError, KeyError, TypeError):
-            raise BadServer(f"{self.server} does not answer like an inference server (HTTP {status} on {self.url})") from None
+            raise BadServer(f"{self.server} does not answer like an inference server (HTTP {status} on {url})") from None
         if status in (401, 403):
             raise AuthError(f"{self.server} refused the token ({status}: {message}); set PRIVOFFLOAD_TOKEN to the inference token")
-        if status == 503:
-            raise ServerUnavailable(f"{self.server} is unavailable (503: {message}) after {self.retries + 1} tries")
         if 400 <= status < 500:
             raise RequestRejected(f"{self.server} refused the request ({status}: {message})", status)
         raise BadServer(f"{self.server} failed ({status}: {message})")
+
+    # ---- verifying what the server says
+
+    def _version(self, version: str) -> str:
+        if not isinstance(version, str) or not VERSION.fullmatch(version):
+            raise ClientError(f"{str(version)[:20]!r} is not a model version number")
+        return version
+
+    def _signed_sha256(self, version: str) -> str:
+        """The sha256 of a version's weights from its manifest, once the publisher's signature of it checks out."""
+        url = f"{self.server}/v2/models/{self.model}/versions/{version}/manifest"
+        try:
+            with self.http.stream("GET", url) as response:
+                reply = self._read(response, 64 * 1024, self.timeout)
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"cannot fetch the manifest from {self.server} ({type(e).__name__}: {str(e)[:80]})") from None
+        if reply.status == 404:
+            raise WeightsUnavailable(f"{self.server} does not publish the weights of {self.model} version {version}")
+        self._check(reply, url)
+        try:
+            signed = json.loads(reply.content)
+            text, signature = signed["manifest"], signed["signature"]
+            if signature is None:
+                raise BadServer(f"{self.model} version {version} on {self.server} is not signed; the publisher must "
+                                f"publish with --signing-key")
+            self.publisher_key.verify(base64.b64decode(signature, validate=True), text.encode())
+            manifest = json.loads(text)
+            ok = (manifest["name"], str(manifest["version"])) == (self.model, version)
+            sha256 = manifest["sha256"]
+        except InvalidSignature:
+            raise BadServer(f"the manifest of {self.model} version {version} from {self.server} does not carry the "
+                            f"publisher's signature: refusing its weights") from None
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
+            raise BadServer(f"{self.server} sent no valid signed manifest ({type(e).__name__})") from None
+        if not ok or not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
+            raise BadServer(f"{self.server} sent the signed manifest of another version, or one without a sha256")
+        return sha256
+
+
+def _trust(ca_cert: str | Path | None) -> ssl.SSLContext | bool:
+    if ca_cert is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"cannot use the CA certificate {ca_cert} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _untrusted_certificate(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _retry_after(headers: httpx.Headers) -> float:
+    """The server's Retry-After in seconds (0 if absent or an HTTP date), at most MAX_RETRY_AFTER."""
+    try:
+        seconds = float(headers.get("retry-after", ""))
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else 0.0

@@ -6,7 +6,9 @@ Two signals, each switched in `DriftConfig`:
   every `canary_every` calls, falls below `canary_threshold` (catches a cloud that changes its
   model without changing the version number).
 Every signal, check and decision is logged: to the `privoffload.client` logger and, one JSON line
-each, to `events.jsonl` in the client's folder.
+each, to `events.jsonl` in the client's folder. A re-sync that fails (the server is down, its
+weights do not verify, ...) keeps its reason: it is tried again after `retry_after_calls`
+classify calls, twice as many after each further failure, and the user's call still gets its answer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Callable
 import numpy as np
 
 from ..config import DriftConfig, ResyncConfig
-from .client import DEFAULT_MODEL, Client, Result
+from ..errors import UserError
+from .client import DEFAULT_MODEL, Client, ClientError, Result
 from .obfuscator import load_obfuscator
 from .resync import ClientState, resync
 
@@ -39,6 +42,8 @@ class DriftMonitor:
         self.events: list[dict] = []
         self.pending: str | None = None
         self.calls = 0
+        self.failures = 0  # re-syncs failed in a row
+        self.wait = 0  # classify calls to let pass before trying a failed re-sync again
 
     def record(self, event: str, **fields) -> None:
         entry = {"time": time.time(), "event": event, **fields}
@@ -58,19 +63,39 @@ class DriftMonitor:
             self.pending = f"model version {old} -> {new}"
 
     def check(self, classify: Callable[[np.ndarray], Result]) -> str | None:
-        """After a classify call: run the canary check when it is due; return the reason to re-sync, if any."""
+        """After a classify call: run the canary check when it is due; return the reason to re-sync now, if any.
+
+        The reason is handed out once; a re-sync that fails gives it back (`failed`)."""
         self.calls += 1
         due = self.canary is not None and self.cfg.canary_threshold > 0 and self.calls % self.cfg.canary_every == 0
         if self.pending is None and due:
             x, y = self.canary
-            acc = float((classify(x).classes == y).mean())
+            try:
+                acc = float((classify(x).classes == y).mean())
+            except ClientError as e:  # the check failed, not the user's call: try again when it is next due
+                self.record("canary check failed", error=str(e)[:200])
+                return None
             low = acc < self.cfg.canary_threshold
             self.record("canary checked", accuracy=round(acc, 4), threshold=self.cfg.canary_threshold, images=len(y),
                         resync=low)
             if low:
                 self.pending = f"canary accuracy {acc:.3f} below {self.cfg.canary_threshold}"
+        if self.wait > 0:  # backing off after a failed re-sync; the reason stays pending
+            self.wait -= 1
+            return None
         reason, self.pending = self.pending, None
         return reason
+
+    def failed(self, reason: str, error: Exception) -> None:
+        """A re-sync for `reason` failed: keep the reason, and back off (doubling) before the next try."""
+        self.failures += 1
+        self.wait = self.cfg.retry_after_calls * 2 ** min(self.failures - 1, 10)
+        self.pending = self.pending or reason
+        self.record("resync failed", reason=reason, error=str(error)[:300], failures=self.failures,
+                    retry_after_calls=self.wait)
+
+    def resynced(self) -> None:
+        self.failures = self.wait = 0
 
 
 class AutoSyncClient:
@@ -106,16 +131,20 @@ class AutoSyncClient:
     def classify(self, images: np.ndarray) -> Result:
         result = self.client.classify(images)
         reason = self.monitor.check(self.client.classify)
-        if reason is not None:
-            self.resync(reason)
-            if self.drift.reclassify:
-                result = self.client.classify(images)
+        if reason is not None and self.resync(reason) is not None and self.drift.reclassify:
+            result = self.client.classify(images)
         return result
 
-    def resync(self, reason: str) -> dict:
+    def resync(self, reason: str) -> dict | None:
+        """Re-sync now; None if it failed (logged, and tried again later: see DriftMonitor.failed)."""
         self.monitor.record("resync started", reason=reason)
-        done = resync(self.state, self.client, self.images, self.labels, self.resync_cfg, self.device)
+        try:
+            done = resync(self.state, self.client, self.images, self.labels, self.resync_cfg, self.device)
+        except UserError as e:
+            self.monitor.failed(reason, e)
+            return None
         self.client.obfuscate = load_obfuscator(self.state.path)
+        self.monitor.resynced()
         self.monitor.record("resync finished", reason=reason, **done)
         self.resyncs.append(done)
         return done

@@ -1,11 +1,14 @@
 """The client's side of re-syncing: its folder (`ClientState`) and `resync`, which picks white-box or
 black-box, runs the algorithm of train/resync.py against the live service and writes the new networks back.
+
+White-box needs the publisher's key on the client: weights the obfuscator is trained against must be the ones
+the publisher signed. Black-box counts every upload against the budget, retries included.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from ..config import ObfuscatorConfig, ResyncConfig
 from ..data import DeviceData
 from ..errors import UserError
 from ..runs import load_classifier
+from ..runtime import atomic_path
 from ..train.resync import Budget, black_box, game_lambda, white_box
 from .client import Client, WeightsUnavailable
 
@@ -56,7 +60,10 @@ class ClientState:
 
     def save(self, obf: nn.Module, deobf: nn.Module, classifier: nn.Module, model_version: str, mode: str,
              lam: float) -> None:
-        """Each file atomically; O last, so its model_version is only claimed once the rest is written."""
+        """Each file atomically and durably; O last, so its model_version is only claimed once the rest is written.
+        The O it replaces stays as obfuscator.previous.safetensors (to go back by hand if the new one disappoints)."""
+        with atomic_path(self.path / "obfuscator.previous.safetensors") as tmp:
+            shutil.copyfile(self.path / "obfuscator.safetensors", tmp)
         nets.save(classifier, self.path / "classifier.safetensors", model_version=model_version, mode=mode)
         nets.save(deobf, self.path / "deobfuscator.safetensors", model_version=model_version)
         nets.save(obf, self.path / "obfuscator.safetensors", model_version=model_version, mode=mode, lam=repr(lam))
@@ -75,8 +82,11 @@ def resync(state: ClientState, client: Client, images: np.ndarray, labels: np.nd
     version = client.last_version
     if version is None:  # nothing classified yet: one upload tells which version serves
         version = client.send(np.zeros((1, 3, 32, 32), np.uint8)).model_version
+    if cfg.mode == "white-box" and client.publisher_key is None:
+        raise UserError("white-box re-sync needs the publisher's public key (publisher_key=...) to check the "
+                        "downloaded weights; without it, use black-box")
     new = None
-    if cfg.mode in ("auto", "white-box"):
+    if cfg.mode in ("auto", "white-box") and client.publisher_key is not None:
         try:
             new = nets.load(client.download_weights(version, state.path / ".downloaded.safetensors"), expect="resnet18",
                             device=device)
@@ -89,8 +99,16 @@ def resync(state: ClientState, client: Client, images: np.ndarray, labels: np.nd
     else:
         if known is None:
             raise UserError(f"{state.path} has no classifier.safetensors to start a surrogate from; black-box re-sync needs it")
-        api = Budget(lambda pixels: client.send(pixels).probabilities, cfg.max_queries)
-        new = black_box(obf, deobf, api, data, cfg, copy.deepcopy(known))
+
+        def charge_retries(images: int, attempt: int) -> None:
+            """Budget counts each call's images once; a retry uploads them again, and is charged too."""
+            if attempt:
+                if images > api.left:
+                    raise UserError(f"retrying would upload {images} more images, past the query budget of {cfg.max_queries}")
+                api.used += images
+
+        api = Budget(lambda pixels: client.send(pixels, on_upload=charge_retries).probabilities, cfg.max_queries)
+        new = black_box(obf, deobf, api, data, cfg, [known])
         mode, queries, version = "black-box", api.used, client.last_version
     state.save(obf, deobf, new, version, mode, cfg.lam)
     (state.path / ".downloaded.safetensors").unlink(missing_ok=True)

@@ -2,15 +2,20 @@
 
     REPO/cifar10-resnet18/1/model.safetensors
     REPO/cifar10-resnet18/1/manifest.json   {name, version, architecture, width, classes, created, sha256, source}
+    REPO/cifar10-resnet18/1/manifest.sig    base64 Ed25519 signature of manifest.json (with `publish --signing-key`)
 
 A version is published by building it in a hidden temporary folder and renaming that folder to the
-next number, so a version folder is either complete or absent. Loading a version checks the
-file's sha256 against the manifest, the architecture in the file against the manifest, and that
-the weights fit; only then is the model handed out.
+next number, so a version folder is either complete or absent; files and folders are readable by
+all (0644, 0755: the server may run as another user) and synced to disk before and after the
+rename. Loading a version reads its file once, then checks those bytes: their sha256 against the
+manifest, the architecture they hold against the manifest, and that the weights fit; only then is
+the model handed out. A version that cannot be read is refused with the reason, like a damaged one.
+Messages name versions (`cifar10-resnet18 version 3`), never paths on the server.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -28,12 +33,14 @@ from torch import nn
 from .. import nets
 from ..data import CLASSES
 from ..errors import UserError
+from ..runtime import fsync_dir
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 ARCHITECTURE = "resnet18"  # the only architecture the cloud serves: the classifier
-NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,52 @@ def sha256_of(path: Path) -> str:
 
 
 def parse_version(text: str) -> int | None:
-    """'3' -> 3; anything else (including '03', '-1', '²') -> None."""
-    return int(text) if VERSION.match(text) else None
+    """'3' -> 3; anything else (including '03', '-1', '²', '2\\n') -> None."""
+    return int(text) if VERSION.fullmatch(text) else None
+
+
+def new_key_pair(folder: str | Path, name: str = "publisher") -> tuple[Path, Path]:
+    """A fresh Ed25519 key pair as PEM files (what `openssl genpkey -algorithm ed25519` makes): (private, public).
+    The publisher signs with the first; clients check downloaded weights with the second."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = Path(folder) / f"{name}.pem", Path(folder) / f"{name}.pub"
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the private key is never readable by others
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write(public, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def signer(key_file: str | Path):
+    """The publisher's Ed25519 private key (PEM, e.g. `openssl genpkey -algorithm ed25519`): bytes -> signature."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    except OSError as e:
+        raise UserError(f"cannot read the signing key {key_file} ({e.strerror})") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{key_file} is not an unencrypted PEM private key ({str(e)[:80]})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"{key_file} is not an Ed25519 key; make one with `openssl genpkey -algorithm ed25519 -out {key_file}`")
+    return key.sign
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} is missing") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} ({e.strerror or type(e).__name__})") from None
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise UserError(f"model name {name!r} must be letters, digits, '_', '.', '-' (at most 64, not starting with '.' or '-')")
     return name
 
@@ -101,31 +148,48 @@ class Repository:
         self.root = Path(root)
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
+        try:
+            return sorted(p.name for p in self.root.iterdir() if NAME.fullmatch(p.name) and p.is_dir())
+        except FileNotFoundError:
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name))
+        except OSError as e:
+            raise UserError(f"cannot read the model repository ({e.strerror or type(e).__name__})") from None
 
     def versions(self, name: str) -> list[int]:
-        """Complete versions of a model, oldest first (a folder without a manifest is not one)."""
+        """Complete versions of a model, oldest first (a folder without a manifest is not one; a folder that
+        cannot be read is listed, and refused with the reason when loaded)."""
         folder = self.root / name
-        if not NAME.match(name) or not folder.is_dir():
+        try:
+            return sorted(int(p.name) for p in folder.iterdir() if parse_version(p.name) and _complete(p))
+        except OSError:  # no such model, or its folder cannot be read
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if parse_version(p.name) and (p / MANIFEST).is_file())
 
     def manifest(self, name: str, version: int) -> Manifest:
-        path = self.root / name / str(version) / MANIFEST
+        raw = self.manifest_text(name, version)
+        where = f"{name} version {version}"
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(raw)
             m = Manifest(name=raw["name"], version=int(raw["version"]), architecture=raw["architecture"],
                          width=int(raw["width"]), classes=tuple(raw["classes"]), created=raw["created"],
                          sha256=raw["sha256"], source=raw.get("source", ""))
-        except FileNotFoundError:
-            raise UserError(f"{name} has no version {version} in {self.root}") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path} is not a valid manifest ({type(e).__name__}: {str(e)[:100]})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{where} has no valid {MANIFEST} ({type(e).__name__}: {str(e)[:100]})") from None
         if (m.name, m.version) != (name, version):
-            raise UserError(f"{path} describes {m.name} version {m.version}, not {name} version {version}")
+            raise UserError(f"the {MANIFEST} of {where} describes {m.name} version {m.version}")
         return m
+
+    def manifest_text(self, name: str, version: int) -> str:
+        """manifest.json exactly as published (what a signature covers)."""
+        data = _read(self.root / name / str(version) / MANIFEST, f"{name} version {version}'s {MANIFEST}")
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise UserError(f"{name} version {version}'s {MANIFEST} is not UTF-8") from None
+
+    def signature(self, name: str, version: int) -> str | None:
+        path = self.root / name / str(version) / SIGNATURE
+        return _read(path, f"{name} version {version}'s {SIGNATURE}").decode("ascii", "replace").strip() \
+            if path.exists() else None
 
     def weights_path(self, name: str, version: int) -> Path:
         return self.root / name / str(version) / WEIGHTS
@@ -134,70 +198,74 @@ class Repository:
              like: Manifest | None = None) -> LoadedModel:
         """Read, verify and warm up a version (the newest if None). `like`: the signature it must keep.
 
-        Any problem is a UserError naming the file and what is wrong; nothing is half-loaded.
+        The file is read once; the checks and the network use those bytes (no gap between check and use).
+        Any problem is a UserError naming the version and what is wrong; nothing is half-loaded.
         """
         if version is None:
             versions = self.versions(name)
             if not versions:
-                raise UserError(f"no versions of {name!r} in {self.root}; publish one with `privoffload publish RUN --repo {self.root}`")
+                raise UserError(f"no versions of {name!r} in the repository; publish one with `privoffload publish RUN --repo REPO`")
             version = versions[-1]
         m = self.manifest(name, version)
-        path = self.weights_path(name, version)
+        where = f"{name} version {version}"
         if m.architecture != ARCHITECTURE:
-            raise UserError(f"{name} version {version} is a {m.architecture}; this service serves only {ARCHITECTURE} classifiers")
+            raise UserError(f"{where} is a {m.architecture}; this service serves only {ARCHITECTURE} classifiers")
         if like is not None and m.signature != like.signature:
-            raise UserError(f"{name} version {version} is {_sig(m)}, but {name} serves {_sig(like)}; "
-                            f"publish another architecture under another name")
-        if not path.is_file():
-            raise UserError(f"{path} is missing")
-        digest = sha256_of(path)
+            raise UserError(f"{where} is {_sig(m)}, but {name} serves {_sig(like)}; publish another architecture under another name")
+        file = f"{where}'s {WEIGHTS}"
+        data = _read(self.weights_path(name, version), file)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != m.sha256:
-            raise UserError(f"{path} has sha256 {digest[:12]}..., its manifest says {m.sha256[:12]}...: the file is damaged")
-        meta = nets.read_metadata(path)
+            raise UserError(f"{file} has sha256 {digest[:12]}..., its manifest says {m.sha256[:12]}...: the file is damaged")
+        meta, _ = nets.read_header(data, file)
         if meta.get("arch") != m.architecture or meta.get("width") != str(m.width):
-            raise UserError(f"{path} holds a {meta.get('arch')} of width {meta.get('width')}, its manifest says {_sig(m)}")
-        model = nets.build(m.architecture, m.width)
+            raise UserError(f"{file} holds a {str(meta.get('arch'))[:20]} of width {str(meta.get('width'))[:8]}, "
+                            f"its manifest says {_sig(m)}")
+        model = nets.load_bytes(data, file, expect=ARCHITECTURE)
         if model.fc.out_features != len(m.classes):
-            raise UserError(f"{path}: the network has {model.fc.out_features} outputs, the manifest lists {len(m.classes)} classes")
-        nets.load_into(model, path)
+            raise UserError(f"{where}: the network has {model.fc.out_features} outputs, the manifest lists {len(m.classes)} classes")
         loaded = LoadedModel(m, model.to(device).eval(), torch.device(device))
         probs = loaded.predict(torch.full((2, 3, 32, 32), 0.5))  # a forward pass proves it runs here
         if probs.shape != (2, len(m.classes)) or not np.isfinite(probs).all():
-            raise UserError(f"{path} gives non-finite or misshapen outputs; refusing it")
+            raise UserError(f"{where} gives non-finite or misshapen outputs; refusing it")
         return loaded
 
-    def publish(self, weights: str | Path, name: str, source: str = "") -> Manifest:
-        """Add a classifier's weights as the next version of `name`, atomically (folder rename)."""
+    def publish(self, weights: str | Path, name: str, source: str = "", signing_key: str | Path | None = None) -> Manifest:
+        """Add a classifier's weights as the next version of `name`, atomically (folder rename) and durably;
+        with `signing_key`, the manifest is signed (clients check downloaded weights against it)."""
         check_name(name)
         weights = Path(weights)
-        meta = nets.read_metadata(weights)
+        sign = signer(signing_key) if signing_key else None
+        data = nets.read_file(weights)  # read once: what is checked is what is published
+        meta, _ = nets.read_header(data, str(weights))
         if meta.get("arch") != ARCHITECTURE:
-            raise UserError(f"{weights} holds a {meta.get('arch')}, not a {ARCHITECTURE} classifier; only classifiers are published")
-        model = nets.load(weights, expect=ARCHITECTURE)  # proves the weights fit the architecture
-        width = int(meta["width"])
+            raise UserError(f"{weights} holds a {str(meta.get('arch'))[:20]}, not a {ARCHITECTURE} classifier; "
+                            f"only classifiers are published")
+        width = nets.load_bytes(data, str(weights), expect=ARCHITECTURE).width  # proves the weights fit
         versions = self.versions(name)
         if versions:
             last = self.manifest(name, versions[-1])
             if (ARCHITECTURE, width, CLASSES) != last.signature:
                 raise UserError(f"{name} holds {_sig(last)} models, {weights} is a {ARCHITECTURE} of width {width}; "
                                 f"publish it under another --name")
-        del model
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
         try:
-            shutil.copyfile(weights, tmp / WEIGHTS)
-            digest = sha256_of(tmp / WEIGHTS)
+            tmp.chmod(0o755)  # mkdtemp makes 0700: a server running as another user could not read the version
+            _write(tmp / WEIGHTS, data)
             created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             version = (versions[-1] if versions else 0) + 1
             while True:  # another publisher may take a number first: rename refuses, try the next one
-                m = Manifest(name, version, ARCHITECTURE, width, CLASSES, created, digest, source or str(weights))
-                (tmp / MANIFEST).write_text(m.to_json())
-                for f in (tmp / WEIGHTS, tmp / MANIFEST):
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
+                m = Manifest(name, version, ARCHITECTURE, width, CLASSES, created, hashlib.sha256(data).hexdigest(),
+                             source or str(weights))
+                _write(tmp / MANIFEST, m.to_json().encode())
+                if sign:
+                    _write(tmp / SIGNATURE, base64.b64encode(sign(m.to_json().encode())) + b"\n")
+                fsync_dir(tmp)
                 try:
                     os.rename(tmp, folder / str(version))
+                    fsync_dir(folder)
                     return m
                 except OSError:
                     if not (folder / str(version)).exists():
@@ -206,6 +274,22 @@ class Repository:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(version_folder: Path) -> bool:
+    try:
+        return (version_folder / MANIFEST).is_file()
+    except OSError:  # unreadable: listed, so that loading it says why it is refused
+        return True
+
+
+def _write(path: Path, data: bytes) -> None:
+    """A file of a version being published: readable by all, on disk before the folder is renamed into place."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    path.chmod(0o644)
 
 
 def _sig(m: Manifest) -> str:

@@ -10,6 +10,15 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 
+class ApiError(Exception):
+    """An error answer: its status, one line of message (`{"error": ...}`) and any headers (Retry-After, ...)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
 class ErrorBody(BaseModel):
     error: str
 
@@ -61,13 +70,20 @@ class LoadResult(BaseModel):
     previous_version: str | None
 
 
+class SignedManifest(BaseModel):
+    manifest: str  # manifest.json exactly as published: the signature covers these bytes (UTF-8)
+    signature: str | None  # base64 Ed25519 signature by the publisher's key; None if published unsigned
+
+
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (400, "malformed request, or a model version that cannot be used"),
     (401, "missing or invalid bearer token"),
     (403, "the route needs the admin token"),
     (404, "no such model, version or route"),
+    (408, "the request body did not arrive in time"),
     (413, "request body too large"),
-    (415, "unsupported Content-Encoding"),
+    (415, "unsupported Content-Encoding or Content-Type"),
+    (503, "overloaded: retry after the Retry-After header's seconds"),
 )}
 
 _PARAMETERS = {"type": "object", "additionalProperties": True}

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..config import ServeConfig
 from ..errors import UserError
 from .batching import Batcher
 from .repository import LoadedModel, Repository
@@ -25,9 +26,10 @@ class ModelStore:
         self.metrics = metrics or Metrics()
         self.current: dict[str, LoadedModel] = {}
         self.failures: dict[tuple[str, int], str] = {}  # why a version was refused, for the index
+        self.verified: set[tuple[str, int]] = set()  # versions that loaded here: the only ones whose weights are served
         self.batchers: dict[str, Batcher] = {}
         self.locks: dict[str, asyncio.Lock] = {}
-        self.batching = (0.0, 1)
+        self.cfg = ServeConfig()
 
     @classmethod
     def open(cls, repo: Repository, device: torch.device, metrics: Metrics | None = None) -> "ModelStore":
@@ -50,22 +52,30 @@ class ModelStore:
     def _install(self, name: str, model: LoadedModel) -> None:
         self.current[name] = model  # the swap: one assignment, read once per batch
         self.failures.pop((name, model.version), None)
+        self.verified.add((name, model.version))
         self.metrics.version.labels(name).set(model.version)
 
     def _batcher(self, name: str) -> Batcher:
-        window, max_images = self.batching
-        return Batcher(lambda: self.current[name], window, max_images, on_batch=self._observe_batch)
+        cfg, m = self.cfg, self.metrics
+        return Batcher(lambda: self.current[name], cfg.batch_window_ms / 1000, cfg.max_batch_images, cfg.max_queue_images,
+                       cfg.queue_timeout_s, on_batch=self._observe_batch,
+                       on_drop=lambda reason: m.dropped.labels(name, reason).inc(),
+                       on_restart=lambda: m.restarts.labels(name).inc())
 
     def _observe_batch(self, requests: int, images: int) -> None:
         self.metrics.batch_requests.observe(requests)
         self.metrics.batch_images.observe(images)
 
-    def start(self, window_s: float, max_images: int) -> None:
+    def start(self, cfg: ServeConfig) -> None:
         """Start one batching worker per model (needs the running event loop)."""
-        self.batching = (window_s, max_images)
+        self.cfg = cfg
         for name in self.current:
             self.batchers[name] = self._batcher(name)
             self.batchers[name].start()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.batchers) and all(b.alive for b in self.batchers.values())
 
     async def stop(self) -> None:
         for b in self.batchers.values():
@@ -80,8 +90,10 @@ class ModelStore:
             try:
                 new = await asyncio.to_thread(self.repo.load, name, version, self.device, old.manifest if old else None)
             except UserError as e:
-                if version is not None:
-                    self.failures[(name, version)] = str(e)
+                refused = version if version is not None else max(self.repo.versions(name), default=None)
+                if refused is not None:
+                    self.failures[(name, refused)] = str(e)
+                    self.verified.discard((name, refused))
                 self.metrics.loads.labels(name, "refused").inc()
                 event("load refused", logging.WARNING, model=name, version=version, reason=str(e),
                       serving=old.version if old else None)

@@ -59,6 +59,10 @@ class Metrics:
                                         buckets=SIZE_BUCKETS, registry=r)
         self.version = Gauge("privoffload_model_version", "version being served", ["model"], registry=r)
         self.loads = Counter("privoffload_model_loads", "model load requests by result", ["model", "result"], registry=r)
+        self.dropped = Counter("privoffload_dropped_requests", "inference requests not run: queue full, client gone, "
+                               "deadline passed", ["model", "reason"], registry=r)
+        self.restarts = Counter("privoffload_batcher_restarts", "batching workers restarted after dying", ["model"],
+                                registry=r)
 
 
 class Observe:

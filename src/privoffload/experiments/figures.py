@@ -1,4 +1,5 @@
-"""The paper's figures (and the privacy frontier) as plain functions: each takes numbers or images (never run folders) and writes one PNG.
+"""The paper's figures (and the privacy frontier) as plain functions: each takes numbers or images (never run folders)
+and writes one PNG. Figures over seeds draw the mean and its 95 % interval as a band or an error bar.
 
 Matplotlib runs on the Agg backend (no display); every figure is written atomically.
 """
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..runtime import atomic_path  # noqa: E402
+from .stats import Estimate  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -94,13 +96,14 @@ def frontier(points: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path: 
     return _save(fig, path)
 
 
-def accuracy_bars(bars: dict[str, float | None], path: Path) -> Path:
-    """Fig. 5: accuracy of the models before and after further training."""
-    names = [k for k, v in bars.items() if v is not None]
-    values = [100 * bars[k] for k in names]
+def accuracy_bars(bars: Mapping[str, Estimate], path: Path) -> Path:
+    """Fig. 5: accuracy of the models before and after further training, with 95 % intervals over seeds."""
+    names = [k for k, e in bars.items() if e.n]
+    values = [100 * bars[k].mean for k in names]
+    errors = [100 * bars[k].half if bars[k].n > 1 else 0.0 for k in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    rects = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#4c72b0", "#dd8452"][: len(names)])
-    ax.bar_label(rects, fmt="%.1f")
+    rects = ax.bar(names, values, yerr=errors, capsize=4, color=["#4c72b0", "#dd8452", "#4c72b0", "#dd8452"][: len(names)])
+    ax.bar_label(rects, fmt="%.1f", padding=6)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy before and after further training")
@@ -108,53 +111,51 @@ def accuracy_bars(bars: dict[str, float | None], path: Path) -> Path:
     return _save(fig, path)
 
 
-def drift_curves(points: list[tuple[int, float, float]], path: Path, extra: dict[str, list[tuple[int, float]]] | None = None) -> Path:
-    """Fig. 6: C's clean accuracy and O0's obfuscated accuracy while C keeps training."""
-    epochs = [p[0] for p in points]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [100 * p[1] for p in points], "o-", label="classifier (clean)")
-    ax.plot(epochs, [100 * p[2] for p in points], "s-", label="baseline obfuscator O0")
-    for name, series in (extra or {}).items():
-        ax.plot([e for e, _ in series], [100 * a for _, a in series], "^-", label=name)
-    ax.set_xlabel("epochs of further classifier training")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Experiment 1: obfuscator accuracy while the classifier trains")
-    return _save(fig, path)
+def _band(ax, points: Sequence[tuple[float, Estimate]], style: str, label: str, color=None, scale: float = 100.0):
+    """A mean line with its 95 % interval as a shaded band (points with one seed have no band)."""
+    xs = [x for x, _ in points]
+    mean = [scale * e.mean for _, e in points]
+    line, = ax.plot(xs, mean, style, label=label, color=color)
+    if any(e.n > 1 for _, e in points):
+        ax.fill_between(xs, [scale * (e.low if e.n > 1 else e.mean) for _, e in points],
+                        [scale * (e.high if e.n > 1 else e.mean) for _, e in points], color=line.get_color(), alpha=0.2)
+    return line
 
 
-def recovery_curve(points: list[tuple[int, float]], path: Path, extra: dict[str, list[tuple[float, float]]] | None = None,
-                   xlabel: str = "epochs of obfuscator retraining") -> Path:
-    """Fig. 7: obfuscated accuracy while O retrains against the final classifier."""
+def curves(lines: Mapping[str, Sequence[tuple[float, Estimate]]], path: Path, *, xlabel: str, title: str,
+           ylabel: str = "test accuracy (%)", scale: float = 100.0, ylim: tuple[float, float] | None = (0, 100),
+           target: float | None = None, log_x: bool = False) -> Path:
+    """Curves over epochs (Fig. 6, Fig. 7) or queries, each the mean over seeds with its 95 % band; `target` draws a line."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([e for e, _ in points], [100 * a for _, a in points], "o-", label="obfuscator")
-    for name, series in (extra or {}).items():
-        ax.plot([e for e, _ in series], [100 * a for _, a in series], "^-", label=name)
+    for (label, points), style in zip(lines.items(), ("o-", "s-", "^-", "v-")):
+        _band(ax, points, style, label, scale=scale)
+    if target is not None:
+        ax.axhline(scale * target, color="grey", ls=":", lw=1, label=f"target ({target:g})")
     ax.set_xlabel(xlabel)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel("obfuscated accuracy (%)")
-    ax.set_ylim(0, 100)
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
-    if extra:
-        ax.legend()
-    ax.set_title("Experiment 2: obfuscator recovery")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
-def resync_curves(white: list[tuple[int, int, float]], black: list[tuple[int, int, float]], path: Path) -> Path:
-    """Experiment 2 beyond the paper: re-sync accuracy against steps (both) and against API queries (black-box).
+def resync_curves(white: Sequence[tuple[float, Estimate]], black: Sequence[tuple[float, Estimate]],
+                  queries: Sequence[float], path: Path) -> Path:
+    """Re-sync accuracy against steps (both modes) and against API queries (black-box), with bands over seeds.
 
-    Each point is (steps, queries, obfuscated accuracy). The right panel marks white-box's final accuracy
-    and the target, 90 % of what white-box regained.
+    The right panel marks white-box's final accuracy and the target, 90 % of what white-box regained.
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for name, series, style in (("white-box (published weights)", white, "o-"), ("black-box (API answers)", black, "^-")):
-        left.plot([s for s, _, _ in series], [100 * a for _, _, a in series], style, label=name)
-    right.plot([q for _, q, _ in black], [100 * a for _, _, a in black], "^-", color="C1", label="black-box")
-    start, end = white[0][2], white[-1][2]
+    _band(left, white, "o-", "white-box (published weights)")
+    _band(left, black, "^-", "black-box (API answers)")
+    _band(right, [(q, e) for q, (_, e) in zip(queries, black)], "^-", "black-box", color="C1")
+    start, end = white[0][1].mean, white[-1][1].mean
     right.axhline(100 * end, color="C0", ls="--", lw=1, label="white-box, end of its budget")
     right.axhline(100 * (start + 0.9 * (end - start)), color="grey", ls=":", lw=1, label="90 % of white-box's gain")
     left.set_xlabel("steps of O and D")
@@ -164,4 +165,21 @@ def resync_curves(white: list[tuple[int, int, float]], black: list[tuple[int, in
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Re-syncing the obfuscator to the updated classifier", fontsize=10)
+    return _save(fig, path)
+
+
+def cost_curve(lines: Mapping[str, Sequence[tuple[float, Estimate]]], target: float, path: Path) -> Path:
+    """Beyond the paper: the drift-robust obfuscator's drop / O0's drop against its extra epochs (the control beside
+    it), with the target below which the robust obfuscator counts as surviving the update."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (label, points), style in zip(lines.items(), ("o-", "s--")):
+        _band(ax, points, style, label, scale=1.0)
+    ax.axhline(target, color="grey", ls=":", lw=1, label=f"target ({target:.2f})")
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xlabel("epochs of extra obfuscator training (the cost)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("relative drop / O0's relative drop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("How far the robust obfuscator is from surviving the update", fontsize=10)
     return _save(fig, path)

@@ -4,11 +4,14 @@ decoder as a stronger attacker), and their files: safetensors whose metadata say
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
 from ..errors import UserError
@@ -19,13 +22,18 @@ from .unet import UNet, unet
 
 # name -> class; each class is built as cls(width) and keeps `.width`
 ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet}
+MAX_WIDTH = 512  # a ResNet18 this wide has 700M parameters; a file claiming more is refused before anything is built
+WIDTH = re.compile(r"[1-9][0-9]{0,3}")
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "save", "load", "read_metadata"]
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "save", "load",
+           "load_bytes", "read_file", "read_header", "read_metadata"]
 
 
 def build(arch: str, width: int) -> nn.Module:
     if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+        raise UserError(f"unknown architecture {str(arch)[:40]!r}; known: {', '.join(ARCHS)}")
+    if not 1 <= width <= MAX_WIDTH:
+        raise UserError(f"width {width} is out of range (1 to {MAX_WIDTH})")
     return ARCHS[arch](width)
 
 
@@ -57,27 +65,92 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it") from None
 
 
+def read_file(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; train or publish that network first") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+
+
+def read_header(data: bytes, name: str) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """(metadata, {tensor name: shape}) of safetensors bytes, from the header alone: nothing is allocated."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > len(data) - 8:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(data[8:8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("the metadata is not a table of strings")
+        shapes = {}
+        for key, info in header.items():
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"tensor {key[:60]!r} has no valid shape")
+            shapes[key] = shape
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{name} is not a readable safetensors file ({str(e)[:100]}); re-create it") from None
+    return meta, shapes
+
+
 def load(path: str | Path, expect: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the network a weights file describes; refuse files for another architecture."""
-    meta = read_metadata(path)
+    return load_bytes(read_file(path), str(path), expect, device)
+
+
+def load_bytes(data: bytes, name: str, expect: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """`load` for a file already read (`name` says which, in messages). The metadata, tensor names and shapes
+    are checked against the architecture before the network is built: a hostile file costs no memory."""
+    meta, shapes = read_header(data, name)
     if "arch" not in meta or "width" not in meta:
-        raise UserError(f"{path} has no architecture metadata; it was not written by privoffload")
-    if expect and meta["arch"] != expect:
-        raise UserError(f"{path} holds a {meta['arch']}, expected a {expect}")
-    model = build(meta["arch"], int(meta["width"]))
-    load_into(model, path)
+        raise UserError(f"{name} has no architecture metadata; it was not written by privoffload")
+    if meta["arch"] not in ARCHS or (expect and meta["arch"] != expect):
+        raise UserError(f"{name} holds a {meta['arch'][:20]}, expected a {expect or ' or '.join(ARCHS)}")
+    if not WIDTH.fullmatch(meta["width"]) or int(meta["width"]) > MAX_WIDTH:
+        raise UserError(f"{name} gives the width {meta['width'][:20]!r}, not a number from 1 to {MAX_WIDTH}")
+    arch, width = meta["arch"], int(meta["width"])
+    with torch.device("meta"):  # shapes without memory
+        expected = build(arch, width)
+    _check_shapes(expected, shapes, name)
+    model = build(arch, width)
+    _copy_into(model, data, name)
     return model.to(device)
 
 
 def load_into(model: nn.Module, path: str | Path) -> None:
-    """Copy weights into an existing network; shapes must match exactly."""
+    """Copy weights into an existing network; names and shapes must match exactly."""
+    data = read_file(path)
+    _check_shapes(getattr(model, "module", model), read_header(data, str(path))[1], str(path))
+    _copy_into(model, data, str(path))
+
+
+def _check_shapes(model: nn.Module, shapes: dict[str, list[int]], name: str) -> None:
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
+    wrong = [k for k in want if k in shapes and shapes[k] != want[k]]
+    if missing or unexpected or wrong:
+        first = (f"{missing[0]} is missing" if missing else f"{unexpected[0][:60]!r} is unexpected" if unexpected
+                 else f"{wrong[0]} has shape {shapes[wrong[0]][:6]}, expected {want[wrong[0]]}")
+        raise UserError(f"{name} does not fit {_described(model)}: {first}")
+
+
+def _copy_into(model: nn.Module, data: bytes, name: str) -> None:
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-create it") from None
+        state = load_tensors(data)
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{name} is not a readable safetensors file ({str(e)[:100]}); re-create it") from None
     inner = getattr(model, "module", model)
     try:
         inner.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise UserError(f"{path} does not fit this {arch_of(inner)}: {first[:200]}") from None
+        raise UserError(f"{name} does not fit {_described(inner)}: {first[:200]}") from None
+
+
+def _described(model: nn.Module) -> str:
+    a = arch_of(model)
+    return f"a {a['arch']} of width {a['width']}"

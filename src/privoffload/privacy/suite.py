@@ -135,7 +135,7 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: C
         return out / "suite.json"
     dev = pick_device(device)
     data = data or load_cifar10(data_root)
-    x_np, y_np = select(data, cfg.test_subset, cfg.seed, split="test")
+    x_np, y_np = select(data, cfg.test_subset, split="test")  # the same test images whatever the seed
     x, y = torch.from_numpy(x_np).to(dev).float() / 255, torch.from_numpy(y_np).to(dev)
     obf = frozen(load_codec(cfg.obfuscator, device=dev))
     with torch.no_grad():
@@ -206,16 +206,22 @@ def utility(cfg: SuiteConfig, x: np.ndarray, y: np.ndarray, obf: torch.nn.Module
     return {"clean_accuracy": accuracy(classifier, data, bf16=bf16), **obfuscation_scores(classifier, obf, data, bf16=bf16)}
 
 
+def position(rows: dict[str, dict], attack: str) -> dict[str, float | None]:
+    """Where `attack` lies between the mean image (0) and no defence (1): its PSNR above the mean image's, and its
+    SSIM and fresh-classifier accuracy as shares of the way (PSNR has no top: no defence's is infinite)."""
+    s, lo, hi = rows[attack], rows["mean image"], rows["no defence"]
+    out = {"psnr_db_above_mean_image": None if s["psnr_db"] is None else s["psnr_db"] - lo["psnr_db"],
+           "ssim": (s["ssim"] - lo["ssim"]) / (hi["ssim"] - lo["ssim"])}
+    if "probe_accuracy" in s and hi["probe_accuracy"] != lo["probe_accuracy"]:
+        out["probe_accuracy"] = (s["probe_accuracy"] - lo["probe_accuracy"]) / (hi["probe_accuracy"] - lo["probe_accuracy"])
+    return out
+
+
 def verdict(rows: dict[str, dict], attacks: list[str]) -> dict[str, Any]:
     """The strongest attack (highest mean PSNR) and where it lies between the mean image (0) and no defence (1)."""
     strongest = max(attacks, key=lambda a: rows[a]["psnr_db"] if rows[a]["psnr_db"] is not None else float("inf"))
-    s, lo, hi = rows[strongest], rows["mean image"], rows["no defence"]
-    position = {"psnr_db_above_mean_image": None if s["psnr_db"] is None else s["psnr_db"] - lo["psnr_db"],
-                "ssim": (s["ssim"] - lo["ssim"]) / (hi["ssim"] - lo["ssim"])}
-    if "probe_accuracy" in s and hi["probe_accuracy"] != lo["probe_accuracy"]:
-        position["probe_accuracy"] = (s["probe_accuracy"] - lo["probe_accuracy"]) / (hi["probe_accuracy"] - lo["probe_accuracy"])
-    return {"strongest": strongest, "strongest_psnr_db": s["psnr_db"],
-            "max_ssim": max(rows[a]["ssim"] for a in attacks), "position": position}
+    return {"strongest": strongest, "strongest_psnr_db": rows[strongest]["psnr_db"],
+            "max_ssim": max(rows[a]["ssim"] for a in attacks), "position": position(rows, strongest)}
 
 
 # ---------------------------------------------------------------- the table

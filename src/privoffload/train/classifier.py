@@ -52,7 +52,8 @@ class ClassifierTask(Task):
         ctx = self.ctx
         record = {"test_accuracy": accuracy(self.model, ctx.test, bf16=ctx.bf16, dist=ctx.dist)}
         if self.probes:
-            record["probes"] = {name: obfuscation_scores(self.model, obf, ctx.test, bf16=ctx.bf16, dist=ctx.dist)
+            record["probes"] = {name: obfuscation_scores(self.model, obf, ctx.test, unquantized=False, bf16=ctx.bf16,
+                                                         dist=ctx.dist)  # the 8-bit upload's accuracy, what counts
                                 for name, obf in self.probes.items()}
         return record
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import mirror
 from ..runtime import autocast
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,18 +37,26 @@ class Readability:
 
     loss = (CE_C + w * sum_k CE_k) / (1 + w * K). With `per_step` = k > 0 each step draws k of the K
     extras (seeded per epoch) and scales their sum by K / k, so the expected loss is the same at a cost
-    of 1 + k classifier passes instead of 1 + K. Returns the loss and C's logits.
+    of 1 + k classifier passes instead of 1 + K. With `flip_consistency`, every classifier reads the upload
+    with a random half of the batch mirrored (the same half for all of them), so that O's class survives
+    the flips a classifier trained with flips is indifferent to. Returns the loss and C's logits.
     """
 
-    def __init__(self, classifier: nn.Module, extras: list[nn.Module] = (), weight: float = 1.0, per_step: int = 0):
+    def __init__(self, classifier: nn.Module, extras: list[nn.Module] = (), weight: float = 1.0, per_step: int = 0,
+                 flip_consistency: bool = False):
         self.classifier, self.extras, self.weight = classifier, list(extras), weight
         self.per_step = per_step or len(self.extras)
+        self.flip_consistency = flip_consistency
         self.draw = random.Random(0)
+        self.flips = torch.Generator().manual_seed(0)
 
     def reseed(self, seed: int) -> None:
         self.draw = random.Random(seed)
+        self.flips = torch.Generator().manual_seed(seed)
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flip_consistency:
+            z = mirror(z, (torch.rand(len(z), generator=self.flips) < 0.5).to(z.device))
         logits = self.classifier(z).float()
         ce = F.cross_entropy(logits, y)
         if not self.extras or self.weight == 0:

@@ -149,7 +149,7 @@ class Context:
                             f"{cfg.subset} to train on; lower val_images")
         val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
         train = DeviceData(x[:len(y) - holdout], y[:len(y) - holdout], dev)
-        test = DeviceData(*select(data, cfg.test_subset, cfg.seed, split="test"), dev)
+        test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world
         steps = train.steps(batch, drop_last=True, world=dist.world)
         if steps == 0:
@@ -255,8 +255,12 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or task.converged():
             record.update(timed(task.evaluate))
         run.log(record)
-        if dist.main:  # weights every epoch, then the checkpoint: its epoch says what is complete
+        if dist.main:  # weights every epoch (and the snapshots asked for), then the checkpoint: its epoch says what is complete
             task.save(run.path, epoch + 1)
+            if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0:
+                snapshot = run.path / f"epoch-{epoch + 1}"
+                snapshot.mkdir(exist_ok=True)
+                task.save(snapshot, epoch + 1)
         run.checkpoint(task.arch, epoch + 1, task.parts)
         progress.line(epoch + 1, f"{task.describe(record)} {record['images_per_s']:.0f} img/s")
     progress.close()

@@ -31,7 +31,8 @@ class ObfuscatorTask(Task):
         self.ctx, cfg = ctx, ctx.cfg
         self.classifier = frozen(ctx.place(load_classifier(cfg.classifier)))
         extras = [frozen(ctx.place(load_classifier(c))) for c in cfg.ensemble]
-        self.readability = Readability(self.classifier, extras, cfg.ensemble_weight, cfg.ensemble_per_step)
+        self.readability = Readability(self.classifier, extras, cfg.ensemble_weight, cfg.ensemble_per_step,
+                                       cfg.flip_consistency)
         obf, deobf = nets.codec(cfg.width), nets.codec(cfg.width)
         if cfg.init:  # continue from an earlier O and D (recovery, re-training)
             for net, name in ((obf, "obfuscator"), (deobf, "deobfuscator")):

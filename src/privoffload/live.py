@@ -1,0 +1,120 @@
+"""The offload system run live, for the report: the user's view of a model update.
+
+The cloud service (cloud/) serves C0 on loopback; a client (client/) holding an obfuscator classifies test
+images; the cloud hot-swaps to the drifted classifier; the client notices the new model version and re-syncs
+by itself (white-box: the service publishes weights, signed by the publisher, whose key the client holds). Accuracy is recorded before the swap, after it (the old
+obfuscator on the new model) and after the automatic re-sync, for the robust obfuscator and for O0.
+
+This sits beside the CLI, above both apps, because it runs both; `reproduce` calls it after each seed's
+stages when the profile asks for it (`[live]`), and report.md shows what it logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import uvicorn
+
+from .client.drift import AutoSyncClient
+from .client.resync import ClientState
+from .cloud.app import create_app
+from .cloud.auth import Tokens
+from .cloud.repository import Repository, new_key_pair
+from .config import DriftConfig, LiveConfig, ProtocolConfig, ServeConfig
+from .data import Cifar10, load_cifar10, select
+from .runs import RunDir, is_done
+
+MODEL = "cifar10-resnet18"
+
+
+class LoopbackServer:
+    """The service under a real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, cfg: ServeConfig, tokens: Tokens):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(cfg, tokens), log_config=None, access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Cifar10 | None = None, data_root=None,
+                   device: str = "cpu") -> Path | None:
+    """Run the live hot swap for one seed's folder (after its stages); a finished one is kept."""
+    live: LiveConfig = cfg.live
+    out = folder / "live"
+    if not live.enabled:
+        return None
+    run = RunDir(out)
+    run.start(live, resume=True)
+    if is_done(out):
+        return out
+    data = data or load_cifar10(data_root)
+    x_test, y_test = select(data, live.test_subset, split="test")
+    x_own, y_own = select(data, live.resync.subset, live.resync.seed)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for name in ("robust", "o0"):
+        if (folder / name / "obfuscator.safetensors").exists():
+            record = swap_once(folder, name, out, x_test, y_test, x_own, y_own, live)
+            run.log(record)
+            print(f"live {name}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
+                  f"after the automatic re-sync {record['after_resync']:.4f}", flush=True)
+    run.finish()
+    return out
+
+
+def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.ndarray, x_own: np.ndarray,
+              y_own: np.ndarray, live: LiveConfig) -> dict:
+    """One client, one swap: C0 serving, classify; publish and load the drifted C, classify; re-sync, classify."""
+    work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))
+    try:
+        private, public = new_key_pair(work)
+        repo = Repository(work / "models")
+        repo.publish(folder / "c0" / "classifier.safetensors", MODEL, source="c0", signing_key=private)
+        inference, admin = secrets.token_hex(24), secrets.token_hex(24)
+        serve = ServeConfig(repo=str(repo.root), device="cpu", serve_weights=True)
+        state = ClientState.create(folder / obfuscator, work / "client", model_version="1")
+        resync = dataclasses.replace(live.resync, mode="white-box")
+        with LoopbackServer(serve, Tokens.of(inference, admin)) as server, \
+                AutoSyncClient(server.url, state.path, x_own, y_own, drift=DriftConfig(reclassify=False),
+                               resync_cfg=resync, token=inference, publisher_key=public) as client:
+            t0 = time.perf_counter()
+            before = client.classify(x)
+            repo.publish(folder / "drift" / "classifier.safetensors", MODEL, source="drift", signing_key=private)
+            loaded = httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={},
+                                headers={"Authorization": f"Bearer {admin}"}, timeout=120)
+            loaded.raise_for_status()
+            after_swap = client.classify(x)  # answered by the new model; the client notices and re-syncs afterwards
+            after_resync = client.classify(x)
+            seconds = time.perf_counter() - t0
+        events = [e["event"] for e in client.monitor.events]
+        return {"obfuscator": obfuscator, "images": len(y), "before_swap": float((before.classes == y).mean()),
+                "versions": [before.model_version, after_swap.model_version, after_resync.model_version],
+                "after_swap": float((after_swap.classes == y).mean()),
+                "after_resync": float((after_resync.classes == y).mean()), "resyncs": len(client.resyncs),
+                "resync": client.resyncs[0] if client.resyncs else None, "events": events, "time_s": seconds}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
