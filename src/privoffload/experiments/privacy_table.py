@@ -79,9 +79,9 @@ def suite_table(summaries: dict[str, dict]) -> list[str]:
     k = len(names)
     per_seed = ", ".join(f"{n}: {s['strongest']} {_text([s['strongest_psnr_db']])} dB" for n, s in summaries.items())
     lines += ["", f"Strongest attack: **{strongest}** ({text}). Strongest in each seed: {per_seed}. "
-              f"{first['images']} test images (`{first['test_subset']}`, the same in every seed); ± is the 95 % "
-              f"t-interval over the {k} seed{'s' if k > 1 else ''}"
-              + (" (one seed: none; its intervals over images are in its suite.json)" if k == 1 else "") + "."]
+              f"{first['images']} test images (`{first['test_subset']}`, the same in every seed); "
+              + (f"± is the 95 % t-interval over the {k} seeds." if k > 1 else
+                 "one seed, so no interval over seeds (its intervals over the images are in its suite.json).")]
 
     utility = [s["utility"] for s in summaries.values() if s.get("utility")]
     if utility:
