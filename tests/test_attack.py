@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from privoffload.metrics import reconstruction_quality
 from privoffload.runs import is_done
 from privoffload.runtime import use_bf16
 
-ATTACK_ARGS = ("--arch", "unet", "--width", "4", "--subset", "first:128", "--epochs", "2", "--batch-size", "64",
-               "--set", 'test_subset="random:64"')
+ATTACK_ARGS = ("--arch", "unet", "--width", "4", "--subset", "first:192", "--epochs", "2", "--batch-size", "64",
+               "--set", 'test_subset="random:64"', "--set", "val_images=64", "--set", "patience=0")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_attacker_trains_on_train_split_and_scores_on_test_split(obfuscator_run,
     """Test split = 64 black images: the logged PSNR must be that of black images, not of training images."""
     black = dataclasses.replace(cifar, x_test=np.zeros((64, 3, 32, 32), np.uint8), y_test=np.zeros(64, np.int64))
     cfg = AttackConfig(obfuscator=str(obfuscator_run), arch="codec", width=4, epochs=2, batch_size=64,
-                       subset="first:128", test_subset="all")
+                       subset="first:128", test_subset="all", val_images=0, patience=0)
     train_attack(cfg, tmp_path / "straight", data=black)
     last = records(tmp_path / "straight")[-1]
     attacker = nets.load(tmp_path / "straight" / "attacker.safetensors", expect="codec")
@@ -81,14 +82,28 @@ def test_unet_is_an_image_to_image_net_and_round_trips(tmp_path):
     assert torch.equal(back(x), y)
 
 
+def weights_only(obfuscator_run, tmp_path):
+    """An obfuscator folder with O's weights but no config.toml: its recipe is unknown."""
+    (tmp_path / "bare").mkdir()
+    shutil.copy(obfuscator_run / "obfuscator.safetensors", tmp_path / "bare")
+    return tmp_path / "bare"
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda o, t: ["--obfuscator", t / "missing"], "does not exist"),
     (lambda o, t: ["--obfuscator", t], "has no obfuscator.safetensors"),
     (lambda o, t: ["--obfuscator", o, "--arch", "resnet18"], "arch"),
     (lambda o, t: ["--obfuscator", o, "--set", "optim.nope=1"], "unknown key optim.nope"),
+    (lambda o, t: ["--obfuscator", o, "--kind", "nope"], "--kind 'nope' is not one of decoder, inversion, adaptive"),
+    (lambda o, t: ["--obfuscator", o, "--kind", "inversion", "--arch", "unet"], "--arch does not apply to --kind inversion"),
+    (lambda o, t: ["--obfuscator", o, "--kind", "decoder", "--steps", "3"], "--steps does not apply to --kind decoder"),
+    (lambda o, t: ["--obfuscator", o, "--subset", "first:100"], "validation split of 1000 images leaves none"),
+    (lambda o, t: ["--obfuscator", o, "--set", "val_images=0"], "patience needs a validation split"),
+    (lambda o, t: ["--obfuscator", o, "--kind", "inversion", "--set", 'start="decoder"'], "needs decoder = an attack run"),
+    (lambda o, t: ["--obfuscator", weights_only(o, t), "--kind", "adaptive"], "needs O's training recipe"),
 ])
 def test_attack_bad_input_is_one_line_and_exit_2(make_args, message, obfuscator_run, tmp_path):
-    result = cli("attack", "--out", tmp_path / "out", "--epochs", "1", *make_args(obfuscator_run, tmp_path))
+    result = cli("attack", "--out", tmp_path / "out", *make_args(obfuscator_run, tmp_path))
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.output

@@ -33,7 +33,6 @@ def make_seed(folder, o0: float, o0_final: float, robust_final: float, black_aft
         {"epoch": 2, "test_accuracy": 0.8, "probes": probes(o0_final, robust_final)})
     log(folder / "recovery", {"epoch": 1, "quantized_obfuscated_accuracy": 0.45, "deobfuscator_psnr_db": 12.5,
                               "deobfuscator_ssim": 0.15})
-    log(folder / "attack", {"epoch": 1, "attacker_psnr_db": 13.5, "attacker_ssim": 0.21, "arch": "unet"})
     log(folder / "attack-o0", {"epoch": 1, "attacker_psnr_db": 14.0, "attacker_ssim": 0.3})
     log(folder / "attack-robust", {"epoch": 1, "attacker_psnr_db": attack_robust, "attacker_ssim": 0.3})
     log(folder / "whitebox", {"step": 0, "queries": 0, "quantized_obfuscated_accuracy": o0_final},
@@ -114,3 +113,39 @@ def test_report_says_missed_when_the_methods_miss(protocol):
 def test_the_same_logs_give_the_same_report(protocol):
     first = write_report(protocol).read_bytes()
     assert write_report(protocol).read_bytes() == first
+
+
+def suite(decoder_psnr: float, decoder_ssim: float, best_epoch: int) -> dict:
+    """One seed's suite.json: the references, a decoder (the strongest) and an inversion."""
+    row = lambda p, s, acc, kind="attack": {"kind": kind, "psnr_db": p, "psnr_ci": 0.2, "ssim": s,  # noqa: E731
+                                             "ssim_ci": 0.01, "probe_accuracy": acc, "probe_accuracy_ci": 0.02}
+    rows = {"mean image": row(12.0, 0.18, 0.10, "reference"), "no defence": row(None, 1.0, 0.30, "reference"),
+            "decoder": {**row(decoder_psnr, decoder_ssim, 0.20), "epochs": 5, "steps": 155, "best_epoch": best_epoch,
+                        "arch": "unet", "wall_s": 10.0},
+            "inversion": {**row(12.5, 0.2, 0.12), "steps": 10, "wall_s": 4.0}}
+    return {"rows": rows, "strongest": "decoder", "strongest_psnr_db": decoder_psnr, "max_ssim": decoder_ssim,
+            "images": 500, "test_subset": "random:500", "utility": {"clean_accuracy": 0.5, "quantized_obfuscated_accuracy": 0.3}}
+
+
+def test_report_aggregates_each_suite_over_the_seeds(protocol):
+    """Each seed's suite.json, one table: every row the mean ± t-interval over the seeds, exact rows as ∞, the
+    strongest attack in bold, where it lies (per seed, then averaged), each seed's strongest, and the target."""
+    for s, (p, ssim) in enumerate(((15.0, 0.26), (15.5, 0.27), (16.0, 0.28))):
+        (protocol / f"seed-{s}" / "privacy").mkdir()
+        (protocol / f"seed-{s}" / "privacy" / "suite.json").write_text(json.dumps(suite(p, ssim, best_epoch=3 + s)))
+    report = write_report(protocol).read_text()
+    assert "### Attack suite on O (after recovery)" in report and "Attack suite on O0" not in report
+    psnr, ssim = estimate([15.0, 15.5, 16.0]), estimate([0.26, 0.27, 0.28])
+    assert (f"| **decoder** | attack | {psnr.text()} | {ssim.text(digits=3)} | 20.0 ± 0.0 | "
+            "5 epochs (155 steps), best at 3/4/5, unet; 10 s |") in report
+    assert "| no defence | reference | ∞ (exact) | 1.000 ± 0.000 | 30.0 ± 0.0 |  |" in report
+    assert "| inversion | attack | 12.50 ± 0.00 | 0.200 ± 0.000 | 12.0 ± 0.0 | 10 steps per image; 4 s |" in report
+    above = estimate([3.0, 3.5, 4.0])
+    way = estimate([(x - 0.18) / (1 - 0.18) for x in (0.26, 0.27, 0.28)])
+    assert (f"Strongest attack: **decoder** (+{above.mean:.2f} ± {above.half:.2f} dB above the mean image; SSIM "
+            f"{way.text(100, 0)} % of the way from the mean image to no defence, fresh-classifier accuracy 50 ± 0 % "
+            "of the way). Strongest in each seed: seed-0: decoder 15.00 dB, seed-1: decoder 15.50 dB, "
+            "seed-2: decoder 16.00 dB.") in report
+    assert "± is the 95 % t-interval over the 3 seeds." in report
+    assert (f"(0.60 ± 0.00: missed), the strongest attack at most 15 dB ({psnr.text()}: not resolved (the interval "
+            f"contains the target)) and every attack at most 0.3 SSIM ({ssim.text(digits=3)}: met).") in report

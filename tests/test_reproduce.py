@@ -3,6 +3,7 @@ reuse, refusal to mix configs, the protocol's own checks, and the same seeds run
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,13 +20,16 @@ from privoffload.runs import read_metrics
 from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
-STAGES = ("c0", "o0", "trajectory", "robust", "control", "drift", "recovery", "attack", "attack-o0", "attack-robust",
-          "whitebox", "blackbox", "remap", "scores")
+STAGES = ("c0", "o0", "trajectory", "robust", "control", "drift", "recovery", "privacy-o0", "privacy", "attack-o0",
+          "attack-robust", "whitebox", "blackbox", "remap", "scores")
+SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "O (after recovery)"}
 SMOKE = ("reproduce", "--profile", "smoke", "--seeds", "2", "--jobs", "2")
 
 
 def stage_files(out):
-    return {f"{seed}/{s}": (out / seed / s / "metrics.jsonl").read_text() for seed in ("seed-0", "seed-1") for s in STAGES}
+    """Each stage's record: its metrics.jsonl, or a suite stage's suite.json."""
+    return {f"{seed}/{s}": (out / seed / s / ("suite.json" if s in SUITES else "metrics.jsonl")).read_text()
+            for seed in ("seed-0", "seed-1") for s in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,15 @@ def test_report_over_seeds_and_figures(smoke):
     assert f"| C0 test accuracy | 70.82 | {estimate(c0).text(100)} |" in report  # the seeds' own numbers, with their CI
     assert f"| O0 obfuscated accuracy | 40.68 | {estimate(o0).text(100)} |" in report
     assert "2 seeds (seed-0, seed-1)" in report and "| black-box | 8 | 256 |" in report  # the smoke profile's budgets
+    for stage, label in SUITES.items():  # each seed's suite, aggregated over the two seeds
+        summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
+        assert f"### Attack suite on {label}" in report
+        for summary in summaries:
+            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "no defence", "upload as image",
+                                            "decoder", "inversion", "decoder+inversion", "adaptive"}
+            assert f"{summary['strongest']} " in report.split(f"### Attack suite on {label}")[1]
+        psnr = estimate(s["rows"]["inversion"]["psnr_db"] for s in summaries).text()
+        assert f"| inversion | attack | {psnr} |" in report or f"| **inversion** | attack | {psnr} |" in report
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 

@@ -21,9 +21,10 @@ TRAINERS = {  # kind -> (command line given the tiny classifier and obfuscator r
     "classifier": (lambda c, o: ["train-classifier", "--width", "8", *COMMON], ["classifier"]),
     "obfuscator": (lambda c, o: ["train-obfuscator", "--classifier", c, "--width", "4", "--lam", "1", *COMMON],
                    ["obfuscator", "deobfuscator"]),
-    "attack": (lambda c, o: ["attack", "--obfuscator", o, "--arch", "codec", "--width", "4", *COMMON], ["attacker"]),
+    "attack": (lambda c, o: ["attack", "--obfuscator", o, "--arch", "codec", "--width", "4", *COMMON,
+                             "--set", "val_images=128", "--set", "patience=0"], ["attacker"]),
 }
-TIMING = ("time_s", "images_per_s", "eval_time_s")
+TIMING = ("time_s", "images_per_s", "eval_time_s", "val_time_s")
 
 
 def lines_up_to(run, epoch: int) -> list[str]:

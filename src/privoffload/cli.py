@@ -128,48 +128,113 @@ def train_obfuscator_cmd(
     train_obfuscator(cfg, out, resume=resume, device=device, data_root=data)
 
 
+KINDS = ("decoder", "inversion", "adaptive")
+
+
 @command("attack")
 def attack_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="codec (Table I layout) | unet")] = None,
+    kind: Annotated[str, typer.Option(help="decoder (trained on pairs) | inversion (white-box on O) | adaptive "
+                                           "(own O' from O's recipe)")] = "decoder",
+    arch: Annotated[Optional[str], typer.Option(help="decoder: codec (Table I layout) | unet")] = None,
     subset: Annotated[Optional[str], typer.Option(help="training images whose originals the attacker knows")] = None,
-    epochs: EpochsOpt = None,
-    width: Annotated[Optional[int], typer.Option(help="attacker width")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="decoder: epochs at most (early stopping may end sooner)")] = None,
+    width: Annotated[Optional[int], typer.Option(help="decoder width")] = None,
     batch_size: BatchOpt = None,
-    recon_loss: Annotated[Optional[str], typer.Option(help="mse | l1")] = None,
+    recon_loss: Annotated[Optional[str], typer.Option(help="decoder: mse | l1")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="inversion: Adam steps per image")] = None,
+    test_subset: Annotated[Optional[str], typer.Option(help="test images to score (inversion: to invert)")] = None,
     precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
-    ldp_epsilon: Annotated[Optional[float], typer.Option("--ldp-epsilon", help="attack uploads with local-DP noise")] = None,
+    ldp_epsilon: Annotated[Optional[float], typer.Option("--ldp-epsilon", help="decoder: attack uploads with local-DP noise")] = None,
     ldp_delta: Annotated[Optional[float], typer.Option("--ldp-delta")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Train a fresh deobfuscator on (O(x), x) training pairs with O frozen; score it on the test set."""
-    from .config import AttackConfig
-    from .privacy.attack import train_attack
+    """Attack an obfuscator, one run folder: a decoder trained to convergence on (O(x), x) training pairs, white-box
+    inversion of O for each test upload, or the adaptive attack (the attacker trains its own O' by O's recipe)."""
+    from .config import AdaptiveConfig, AttackConfig, InversionConfig
 
-    cfg = settings(AttackConfig, config, set_, obfuscator=obfuscator, arch=arch, subset=subset, epochs=epochs,
-                   width=width, batch_size=batch_size, recon_loss=recon_loss, precision=precision, seed=seed,
-                   **data_of(obfuscator, dataset, image_size), **{"ldp.epsilon": ldp_epsilon, "ldp.delta": ldp_delta})
-    train_attack(cfg, out, resume=resume, device=device, data_root=data)
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r} is not one of {', '.join(KINDS)}")
+    options = {"arch": arch, "epochs": epochs, "width": width, "recon_loss": recon_loss, "batch_size": batch_size,
+               "steps": steps}
+    applies = {"inversion": {"steps", "batch_size"}}.get(kind, set(options) - {"steps"})
+    wrong = [k for k, v in options.items() if v is not None and k not in applies]
+    if wrong:
+        raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --kind {kind}")
+    if kind != "decoder" and (ldp_epsilon is not None or ldp_delta is not None):
+        raise UserError(f"--ldp-epsilon and --ldp-delta apply to --kind decoder, not {kind}")
+    prefix = "decoder." if kind == "adaptive" else ""  # the adaptive attack's decoders
+    given = {prefix + k: v for k, v in options.items() if v is not None}
+    which = data_of(obfuscator, dataset, image_size)  # the attacked obfuscator's data set unless given
+    common = {"obfuscator": obfuscator, "subset": subset, "test_subset": test_subset, "seed": seed}
+    if kind == "decoder":
+        from .privacy.attack import train_attack as runner
+
+        cfg = settings(AttackConfig, config, set_, **common, **given, precision=precision, **which,
+                       **{"ldp.epsilon": ldp_epsilon, "ldp.delta": ldp_delta})
+    elif kind == "inversion":
+        from .privacy.inversion import run_inversion as runner
+
+        cfg = settings(InversionConfig, config, set_, **common, **given, precision=precision)
+    else:
+        from .privacy.adaptive import run_adaptive as runner
+
+        cfg = settings(AdaptiveConfig, config, set_, **common, **given, **{"decoder.precision": precision})
+    if kind == "decoder":  # its config records the data set
+        runner(cfg, out, resume=resume, device=device, data_root=data)
+    else:  # inversion and adaptive are handed the attacked obfuscator's data set
+        from .data import load_dataset
+
+        images = load_dataset(which["dataset"] or "cifar10", data, which["image_size"] or "")
+        runner(cfg, out, resume=resume, device=device, data_root=data, data=images)
+
+
+@command("attack-suite")
+def attack_suite_cmd(
+    out: OutOpt,
+    obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
+    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, inversion, decoder+inversion, "
+                                                        "adaptive")] = None,
+    test_subset: Annotated[Optional[str], typer.Option(help="the test images every row is scored on")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
+):
+    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table
+    (rerun to continue; finished attacks are reused)."""
+    from .config import SuiteConfig
+    from .privacy.suite import run_suite, suite_rows
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
+    cfg = settings(SuiteConfig, config, set_, obfuscator=obfuscator, attacks=names, test_subset=test_subset)
+    from .data import load_dataset
+
+    which = data_of(obfuscator, None, None)  # the attacked obfuscator's data set
+    images = load_dataset(which["dataset"] or "cifar10", data, which["image_size"] or "")
+    path = run_suite(cfg, out, device=device, data_root=data, data=images)
+    typer.echo("\n".join(suite_rows(json.loads(path.read_text()))))
+    typer.echo(f"suite: {path}")
 
 
 @command("sweep-lambda")
 def sweep_lambda_cmd(
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
     lams: Annotated[Optional[str], typer.Option("--lams", help="comma-separated lambdas, e.g. 0,0.5,1,2")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="seeds per lambda (0..N-1), each its own runs")] = None,
     out: Annotated[Path, typer.Option("--out", help="folder for the runs, frontier.json and frontier.png")] = ...,
     subset: Annotated[Optional[str], typer.Option(help="training images, for the obfuscators and the attacks")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="obfuscator epochs")] = None,
     width: Annotated[Optional[int], typer.Option(help="codec width of O and D")] = None,
-    attack_arch: Annotated[Optional[str], typer.Option(help="codec | unet")] = None,
-    attack_epochs: Annotated[Optional[int], typer.Option()] = None,
+    attack_arch: Annotated[Optional[str], typer.Option(help="the suite's decoder: codec | unet")] = None,
+    attack_epochs: Annotated[Optional[int], typer.Option(help="the suite's decoder: epochs at most")] = None,
     attack_width: Annotated[Optional[int], typer.Option()] = None,
     config: ConfigOpt = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. obfuscator.recon_loss=l1 or attack.epochs=5")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. obfuscator.recon_cap=true or "
+                                                                    "suite.decoder.epochs=5")] = None,
     data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Train and attack one obfuscator per lambda: the privacy-utility frontier (rerun to continue)."""
+    """Train one obfuscator per lambda and seed and attack each with the suite: the privacy-utility frontier
+    against the strongest attack, with 95 % intervals over seeds (rerun to continue)."""
     from .config import SweepConfig
     from .experiments.sweep import sweep_lambda
 
@@ -180,9 +245,10 @@ def sweep_lambda_cmd(
         except ValueError:
             raise UserError(f"--lams {lams!r} is not a comma-separated list of numbers, e.g. 0,0.5,1") from None
     cfg = settings(SweepConfig, config, set_, **{
-        "lams": lam_list, "obfuscator.classifier": classifier, "obfuscator.subset": subset, "attack.subset": subset,
-        "obfuscator.epochs": epochs, "obfuscator.width": width, "attack.arch": attack_arch,
-        "attack.epochs": attack_epochs, "attack.width": attack_width})
+        "lams": lam_list, "seeds": list(range(seeds)) if seeds else None, "obfuscator.classifier": classifier,
+        "obfuscator.subset": subset, "suite.decoder.subset": subset, "suite.inversion.subset": subset,
+        "suite.adaptive.subset": subset, "obfuscator.epochs": epochs, "obfuscator.width": width,
+        "suite.decoder.arch": attack_arch, "suite.decoder.epochs": attack_epochs, "suite.decoder.width": attack_width})
     path = sweep_lambda(cfg, out, device=device, data_root=data)
     typer.echo(f"frontier: {path} and {path.with_suffix('.png')}")
 
@@ -223,15 +289,16 @@ def samples_cmd(
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder")],
     out: Annotated[Path, typer.Option("--out", help="PNG file to write")],
     attack: Annotated[Optional[Path], typer.Option("--attack", help="attack run folder, adds the attacker's row")] = None,
+    suite: Annotated[Optional[Path], typer.Option("--suite", help="attack-suite folder, adds one row per attack")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=32, help="test images (columns)")] = 8,
     data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Fig. 4: original, uploaded (obfuscated) and reconstructed test images, as a PNG grid."""
+    """Fig. 4: original, uploaded (8-bit O(x)) and reconstructed test images, one row per adversary, as a PNG grid."""
     from .experiments.figures import sample_grid
     from .privacy.samples import sample_rows
 
-    rows = sample_rows(obfuscator, attack_runs={"fresh attacker": attack} if attack else None, n=n, device=device,
-                       data_root=data)
+    rows = sample_rows(obfuscator, attack_runs={"fresh attacker": attack} if attack else None, suite=suite, n=n,
+                       device=device, data_root=data)
     typer.echo(f"wrote {sample_grid(rows, out)}")
 
 

@@ -147,6 +147,10 @@ class ObfuscatorConfig(TrainConfig):
     ensemble_weight: float = 1.0  # weight of each extra classifier's loss; C's weight is 1
     ensemble_per_step: int = 0  # extras drawn at random per step (0 = all of them, every step)
     flip_consistency: bool = False  # the classifiers also read mirrored uploads (a random half of each batch)
+    # recipe options (docs/method-decisions.md); the defaults are the plain game
+    recon_cap: bool = False  # O gains nothing for pushing D's error on an image past the mean image's error on it
+    d_steps: int = 1  # D's steps per O step (on the same batch)
+    soft_targets: bool = False  # O's readability loss: CE to C's soft outputs on the clean x instead of the labels
     optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.2, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
@@ -163,19 +167,27 @@ class ObfuscatorConfig(TrainConfig):
             raise UserError(f"config: ensemble_per_step = {self.ensemble_per_step} must be between 0 (all) and "
                             f"the {len(self.ensemble)} ensemble classifiers")
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        _positive("d_steps", self.d_steps)
         self.optim_o.validate("optim_o")
         self.optim_d.validate("optim_d")
 
 
 @dataclass
 class AttackConfig(TrainConfig):
-    """A fresh deobfuscator trained on (quantised O(x), x) pairs with O frozen: the privacy number that counts."""
+    """The decoder attack: a fresh network trained on (8-bit O(x), x) pairs with O frozen, to convergence.
 
-    epochs: int = 20
+    The last `val_images` images of `subset` are held out as a validation split; training stops when the
+    validation PSNR has not improved for `patience` epochs (or after `epochs`), and the weights kept are
+    those of the best validation epoch."""
+
+    epochs: int = 20  # the budget: at most this many epochs of (|subset| - val_images) / batch_size steps
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
     arch: str = "unet"  # unet (the stronger decoder, skip connections) | codec (the Table I layout)
     width: int = 32
     recon_loss: str = "mse"  # mse | l1
+    val_images: int = 1000  # held out of `subset` for early stopping (0 = no validation: train all epochs)
+    patience: int = 3  # epochs without a better validation PSNR before stopping (0 = never stop early)
+    init: str = ""  # attack run whose decoder to start from ("" = random init; the adaptive attack's fine-tune)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0,
                                                                    schedule="cosine", warmup_epochs=0.0))
     ldp: LdpConfig = field(default_factory=LdpConfig)  # the uploads it learns from and is scored on carry this noise
@@ -187,6 +199,10 @@ class AttackConfig(TrainConfig):
         _positive("width", self.width)
         _choice("arch", self.arch, ("codec", "unet"))
         _choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        if self.val_images < 0 or self.patience < 0:
+            raise UserError("config: val_images and patience must be >= 0")
+        if self.patience and not self.val_images:
+            raise UserError("config: patience needs a validation split: set val_images > 0 (or patience = 0)")
         self.optim.validate("optim")
         self.ldp.validate()
 
@@ -209,6 +225,136 @@ class IdentifyConfig(ClassifierConfig):
         if not self.attack:
             raise UserError("config: attack is required: the attack run whose reconstructions to classify")
         super().validate()
+
+
+@dataclass
+class InversionConfig:
+    """White-box inversion of O: for each upload u, the x' in [0, 1] that minimises
+    ||quantise8(O(x')) - u||^2 + tv * TV(x'), by Adam from the mean image (or from a decoder's output).
+
+    Nothing trains: test images are inverted in chunks of `batch_size`, each saved when done (resumable)."""
+
+    obfuscator: str = ""  # run folder holding obfuscator.safetensors (its weights ship with every client)
+    test_subset: str = "random:500"  # the uploads to invert
+    subset: str = "first:20000"  # training images whose mean is the starting point
+    steps: int = 200  # Adam steps per image: the budget
+    lr: float = 0.05
+    tv: float = 0.01  # weight of the total-variation prior (mean absolute difference of neighbouring pixels)
+    batch_size: int = 500  # images optimised together
+    start: str = "mean"  # mean | decoder (the output of the attack run `decoder`: decoder + inversion)
+    decoder: str = ""  # attack run folder, for start = "decoder"
+    seed: int = 0  # the draw of a random:N training subset (test subsets are the same whatever the seed)
+    precision: str = "fp32"  # auto | bf16 | fp32 (O's forward and backward)
+
+    def validate(self) -> None:
+        if not self.obfuscator:
+            raise UserError("config: obfuscator is required: the run folder of the obfuscator to invert (--obfuscator RUN)")
+        for name in ("steps", "lr", "batch_size"):
+            _positive(name, getattr(self, name))
+        if not self.tv >= 0:
+            raise UserError(f"config: tv = {self.tv!r} must be >= 0")
+        _choice("start", self.start, ("mean", "decoder"))
+        if self.start == "decoder" and not self.decoder:
+            raise UserError("config: start = \"decoder\" needs decoder = an attack run folder")
+        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _subset(self.subset)
+        _subset(self.test_subset)
+
+
+@dataclass
+class AdaptiveConfig:
+    """The adaptive attack: the attacker knows O's training recipe (its run's config.toml). It trains its own O'
+    that way on its own images with its own seed, trains a decoder for O', applies it to O's uploads, and also
+    fine-tunes that decoder on pairs made with the real O; the better of the two on validation is the attack."""
+
+    obfuscator: str = ""  # the target O's run folder (its config.toml is the recipe)
+    subset: str = "first:20000"  # the attacker's own training images (never the test split) for O'
+    epochs: int = 0  # O's epochs (0 = the recipe's)
+    seed: int = 1  # O's seed: the attacker does not know O's
+    test_subset: str = "random:500"  # where O' and the decoders are scored (never trained on)
+    decoder: AttackConfig = field(default_factory=AttackConfig)  # for O', and for the fine-tune on the real O
+    finetune_epochs: int = 0  # epochs of the fine-tune on real-O pairs (0 = the decoder's epochs)
+
+    def validate(self) -> None:
+        if not self.obfuscator:
+            raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
+        if self.epochs < 0 or self.finetune_epochs < 0:
+            raise UserError("config: epochs and finetune_epochs must be >= 0")
+        _subset(self.subset)
+        _subset(self.test_subset)
+        replace_ = dataclasses.replace(self.decoder, obfuscator=self.obfuscator)
+        replace_.validate()
+
+
+@dataclass
+class ProbeConfig:
+    """The fresh classifier trained on an attack's reconstructions (k-fold over the suite's test images): does
+    the reconstruction still show what the image is? `ridge`: a linear classifier on the pixels, fitted in
+    closed form (cheap: for CPU budgets); `resnet18`: a ResNet18 trained from scratch (stronger)."""
+
+    kind: str = "ridge"  # ridge | resnet18
+    folds: int = 5
+    ridge: float = 1000.0  # ridge: the L2 penalty (on pixels in [0, 1])
+    width: int = 16  # resnet18: width
+    epochs: int = 15  # resnet18: epochs
+    batch_size: int = 64  # resnet18
+    flip: bool = True  # resnet18: random horizontal flips
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=2e-3, weight_decay=5e-4,
+                                                                   schedule="cosine", warmup_epochs=0.0))
+
+    def validate(self) -> None:
+        _choice("probe.kind", self.kind, ("ridge", "resnet18"))
+        for name in ("width", "batch_size", "epochs"):
+            _positive(f"probe.{name}", getattr(self, name))
+        if not self.ridge >= 0:
+            raise UserError(f"config: probe.ridge = {self.ridge!r} must be >= 0")
+        if self.folds < 2:
+            raise UserError(f"config: probe.folds = {self.folds} must be >= 2")
+        self.optim.validate("probe.optim")
+
+
+ATTACKS = ("decoder", "inversion", "decoder+inversion", "adaptive")
+
+
+@dataclass
+class SuiteConfig:
+    """Every attack and the reference rows on the same test images (privacy/suite.py)."""
+
+    obfuscator: str = ""  # the obfuscator run folder to attack
+    attacks: list[str] = field(default_factory=lambda: ["decoder", "inversion", "adaptive"])  # of ATTACKS
+    test_subset: str = "random:500"  # the images every row is scored on (overrides each attack's; the same for every seed)
+    seed: int = 0  # the attacks' and probes' seed; added to the adaptive attack's own seeds
+    decoder: AttackConfig = field(default_factory=AttackConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def validate(self) -> None:
+        if not self.obfuscator:
+            raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
+        if not self.attacks or len(set(self.attacks)) != len(self.attacks):
+            raise UserError(f"config: attacks = {self.attacks} must name each attack once, of {', '.join(ATTACKS)}")
+        for a in self.attacks:
+            _choice("attacks[]", a, ATTACKS)
+        _subset(self.test_subset)
+        self.probe.validate()
+        for a in self.attacks:  # each part as the suite runs it (its obfuscator and images are the suite's)
+            try:
+                self.part(a).validate()
+            except UserError as e:
+                raise UserError(f"{a}: {e}") from None
+
+    def part(self, attack: str, folder: str = "(the suite's decoder run)") -> Any:
+        """The config the suite runs `attack` with: the suite's obfuscator and test images."""
+        if attack == "decoder":
+            return dataclasses.replace(self.decoder, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed)
+        if attack == "adaptive":  # its seeds stay its own (O's is unknown to it), moved along with the suite's
+            decoder = dataclasses.replace(self.adaptive.decoder, seed=self.adaptive.decoder.seed + self.seed)
+            return dataclasses.replace(self.adaptive, obfuscator=self.obfuscator, test_subset=self.test_subset,
+                                       seed=self.adaptive.seed + self.seed, decoder=decoder)
+        start = "decoder" if attack == "decoder+inversion" else "mean"
+        return dataclasses.replace(self.inversion, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed,
+                                   start=start, decoder=folder if start == "decoder" else "")
 
 
 @dataclass
@@ -289,20 +435,23 @@ class DriftConfig:
 
 @dataclass
 class SweepConfig:
-    """One obfuscator per lambda, each followed by a fresh attack: the privacy-utility frontier."""
+    """One obfuscator per lambda and seed, each attacked by the whole suite: the privacy-utility frontier."""
 
     lams: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)  # its lam is set per point
-    attack: AttackConfig = field(default_factory=AttackConfig)  # its obfuscator is set per point
+    seeds: list[int] = field(default_factory=lambda: [0])  # one obfuscator (and suite) per seed and lambda
+    obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)  # its lam and seed are set per point
+    suite: SuiteConfig = field(default_factory=SuiteConfig)  # its obfuscator is set per point
 
     def validate(self) -> None:
         if not self.lams:
             raise UserError("config: lams is empty; give at least one lambda, e.g. --lams 0,1,4")
         if len(set(self.lams)) != len(self.lams):
             raise UserError(f"config: lams {self.lams} repeats a value")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"config: seeds {self.seeds} must be one or more different seeds")
         for lam in self.lams:
             dataclasses.replace(self.obfuscator, lam=lam).validate()
-        dataclasses.replace(self.attack, obfuscator="(each obfuscator of the sweep)").validate()
+        dataclasses.replace(self.suite, obfuscator="(each obfuscator of the sweep)").validate()
 
 
 @dataclass
@@ -410,7 +559,7 @@ class ProtocolConfig:
     baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
     drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="range:0:45000", flip=True))
     recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="range:0:45000", flip=True))
-    attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: SuiteConfig = field(default_factory=SuiteConfig)  # the attack suite on O0 and on the final O
     robust: RobustConfig = field(default_factory=RobustConfig)
     resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
     remap: RemapConfig = field(default_factory=RemapConfig)
@@ -421,8 +570,8 @@ class ProtocolConfig:
     def validate(self) -> None:
         _choice("profile", self.profile, PROFILES)
         DataConfig.validate(self)  # type: ignore[arg-type]
-        for stage in (self.baseline_classifier, self.baseline_obfuscator, self.drift, self.recovery, self.attack,
-                      self.robust.trajectory, self.robust.attack, self.resync, self.remap, self.scores, self.identify,
+        for stage in (self.baseline_classifier, self.baseline_obfuscator, self.drift, self.recovery, self.privacy.decoder,
+                      self.privacy.adaptive.decoder, self.robust.trajectory, self.robust.attack, self.resync, self.remap, self.scores, self.identify,
                       self.live.resync):
             stage.dataset, stage.image_size = self.dataset, self.image_size  # every stage works on the protocol's data
         self.live.validate()

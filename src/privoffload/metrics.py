@@ -1,5 +1,6 @@
 """Scores on held-out images: accuracy of a classifier on clean or obfuscated images, and how well an
 adversary rebuilds x from the upload (PSNR, SSIM). Every score is computed in one pass over the data.
+`mean_ci` gives a mean with its 95 % confidence interval (over images, or over seeds).
 
 The upload is the 8-bit quantised O(x) (`data.quantize8`), so that is what deobfuscators are scored on.
 PSNR (dB, data range 1) and SSIM (Gaussian 11x11, sigma 1.5) come from torchmetrics, per image, then
@@ -9,6 +10,7 @@ and the sums are reduced.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -142,3 +144,13 @@ def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *
             sums.add(len(xb), psnr=psnr, ssim=ssim)
     m = sums.means(dist)
     return m["psnr"], m["ssim"]
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (Student's t, n - 1 degrees of freedom); nan for n < 2."""
+    from scipy.stats import t  # here, so that importing the trainers (and the client) does not load scipy
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan")
+    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))

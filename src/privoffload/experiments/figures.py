@@ -59,30 +59,40 @@ def sample_grid(rows: Mapping[str, Sequence], path: str | Path, *, title: str = 
     return _save(fig, path)
 
 
-def frontier(points: Sequence[Mapping], path: str | Path, *, title: str = "Privacy-utility frontier") -> Path:
-    """Obfuscated accuracy (utility) against the fresh attacker's PSNR (lower = more private), one point per lambda.
+def frontier(points: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path: str | Path, *,
+             target: Mapping[str, float] | None = None, title: str = "Privacy-utility frontier") -> Path:
+    """Obfuscated accuracy as a share of clean (utility) against the strongest attack's PSNR (lower = more
+    private), one point per lambda, with 95 % intervals over seeds as error bars.
 
-    Each point needs `lam`, `attacker_psnr_db`, `obfuscated_accuracy`, and may have
-    `quantized_obfuscated_accuracy` and `test_accuracy` (the clean classifier, drawn as a line).
+    `points` is one frontier, or {label: frontier} to compare recipes. Each point needs `lam`, `psnr_db`,
+    `relative_accuracy` and may have `psnr_db_ci`, `relative_accuracy_ci`. `target` shades the region where
+    relative accuracy >= target["relative_accuracy"] and PSNR <= target["psnr_db"].
     """
-    pts = sorted(points, key=lambda p: p["lam"])  # the line follows lambda
-    x = [p["attacker_psnr_db"] for p in pts]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(x, [100 * p["obfuscated_accuracy"] for p in pts], "o-", label="obfuscated accuracy")
-    if all("quantized_obfuscated_accuracy" in p for p in pts):
-        ax.plot(x, [100 * p["quantized_obfuscated_accuracy"] for p in pts], "s--", ms=4, alpha=0.7,
-                label="8-bit quantised upload")
-    for p in pts:
-        ax.annotate(f"λ={p['lam']:g}", (p["attacker_psnr_db"], 100 * p["obfuscated_accuracy"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
-    clean = [p["test_accuracy"] for p in pts if "test_accuracy" in p]
-    if clean:
-        ax.axhline(100 * clean[0], color="grey", lw=0.8, ls=":", label="clean accuracy of C")
-    ax.set_xlabel("fresh attacker's reconstruction PSNR on test images (dB, lower = more private)")
-    ax.set_ylabel("test accuracy (%)")
+    curves = dict(points) if isinstance(points, Mapping) else {"": points}
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (label, pts) in enumerate(curves.items()):
+        pts = sorted(pts, key=lambda p: p["lam"])  # the line follows lambda
+        x = [p["psnr_db"] for p in pts]
+        y = [100 * p["relative_accuracy"] for p in pts]
+        xerr = [p.get("psnr_db_ci", 0.0) if p.get("psnr_db_ci") == p.get("psnr_db_ci") else 0.0 for p in pts]
+        yerr = [100 * p.get("relative_accuracy_ci", 0.0) if p.get("relative_accuracy_ci") == p.get("relative_accuracy_ci")
+                else 0.0 for p in pts]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o-", color=f"C{i}", capsize=3, ms=4, label=label or None)
+        for p, xi, yi in zip(pts, x, y):
+            ax.annotate(f"λ={p['lam']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+    if target:
+        lo, hi = ax.get_xlim()
+        ax.axvline(target["psnr_db"], color="grey", lw=0.8, ls=":")
+        ax.axhline(100 * target["relative_accuracy"], color="grey", lw=0.8, ls=":")
+        ax.fill_between([min(lo, target["psnr_db"] - 1), target["psnr_db"]], 100 * target["relative_accuracy"], 105,
+                        color="green", alpha=0.08, label="target")
+        ax.set_xlim(min(lo, target["psnr_db"] - 0.5), max(hi, target["psnr_db"] + 0.5))
+    ax.set_xlabel("strongest attack's PSNR on test images (dB, lower = more private)")
+    ax.set_ylabel("obfuscated accuracy, % of clean")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(curves) or target:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -10,9 +10,9 @@
     control   the robust O's compute-matched control: O0 and D0 given the same steps against C0 alone
     drift     experiment 1: C goes on from C0 (all images, flips); O0 (and the robust O) measured on the current C
     recovery  experiment 2: O and D go on from O0 against the final C
-    attack    a fresh attacker against the final obfuscator: the privacy number that counts
-    identify  (where the profile asks) a fresh classifier trained on that attacker's reconstructions: does the class
-              (ORL: who it is) survive the reconstruction?
+    privacy-o0, privacy   the attack suite (privacy/suite.py) on O0 and on the final O: the privacy numbers that count
+    identify  (where the profile asks) a fresh classifier trained on the suite's decoder's reconstructions of the
+              final O's uploads: does the class (ORL: who it is) survive the reconstruction?
     attack-o0, attack-robust   fresh attackers against O0 and the robust O: is their privacy the same?
     whitebox  beyond the paper: re-sync O0 to the final C from its published weights, in a budget of steps
     blackbox  beyond the paper: re-sync O0 from the final C's API answers alone, queries counted and capped
@@ -47,12 +47,13 @@ import torch
 from .. import config as config_mod
 from .. import nets
 from ..config import (PROFILES, AttackConfig, ClassifierConfig, IdentifyConfig, ObfuscatorConfig, ProtocolConfig, RemapConfig,
-                      ResyncConfig, ScoresConfig)
+                      ResyncConfig, ScoresConfig, SuiteConfig)
 from ..data import Dataset, DeviceData, load_dataset, select, subset_indices, to_pixels
 from ..errors import UserError
 from ..metrics import accuracy, obfuscation_scores, upload_accuracies
 from ..privacy.attack import train_attack
 from ..privacy.identify import train_identify
+from ..privacy.suite import run_suite
 from ..runs import RunDir, is_done, load_classifier, load_codec
 from ..runtime import atomic_write_text, autocast, frozen, pick_device, use_bf16
 
@@ -104,16 +105,19 @@ def stage_configs(cfg: ProtocolConfig, out: Path, seed: int = 0) -> dict[str, An
         **robust_stages,
         "drift": replace(cfg.drift, init=str(out / "c0")),
         "recovery": replace(cfg.recovery, classifier=str(out / "drift"), init=str(out / "o0")),
-        "attack": replace(cfg.attack, obfuscator=str(out / "recovery")),
+        "privacy-o0": replace(cfg.privacy, obfuscator=str(out / "o0")),
+        "privacy": replace(cfg.privacy, obfuscator=str(out / "recovery")),
         **({"attack-o0": replace(r.attack, obfuscator=str(out / "o0")),
             "attack-robust": replace(r.attack, obfuscator=str(out / "robust"))} if robust_stages else {}),
-        **({"identify": replace(cfg.identify, attack=str(out / "attack"))} if cfg.identify.epochs else {}),
+        **({"identify": replace(cfg.identify, attack=str(out / "privacy" / "decoder"))} if cfg.identify.epochs else {}),
         "whitebox": replace(cfg.resync, mode="white-box"),
         "blackbox": replace(cfg.resync, mode="black-box"),
         "remap": cfg.remap,
     }
     data = {"dataset": cfg.dataset, "image_size": cfg.image_size}  # every stage works on the protocol's data set
-    stages = {name: replace(stage, seed=stage.seed + SEED_STRIDE * seed, **data) for name, stage in stages.items()}
+    # (an attack suite is handed the protocol's data; its decoders' configs carry it, ProtocolConfig.validate)
+    stages = {name: replace(stage, seed=stage.seed + SEED_STRIDE * seed, **(data if hasattr(stage, "dataset") else {}))
+              for name, stage in stages.items()}
     stages["scores"] = replace(cfg.scores, **data)
     for name, stage_cfg in stages.items():
         try:
@@ -219,7 +223,7 @@ def run_seed(cfg: ProtocolConfig, folder: Path, seed: int, *, data: Dataset | No
 
     # each stage's config type says which trainer runs it; drift also measures the obfuscators made so far
     trainers = {ClassifierConfig: train_classifier, ObfuscatorConfig: train_obfuscator, AttackConfig: train_attack,
-                IdentifyConfig: train_identify,
+                IdentifyConfig: train_identify, SuiteConfig: run_suite,
                 ResyncConfig: functools.partial(resync_stage, protocol=folder),
                 RemapConfig: functools.partial(remap_stage, protocol=folder),
                 ScoresConfig: functools.partial(scores_stage, protocol=folder)}

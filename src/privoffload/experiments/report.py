@@ -3,8 +3,9 @@
 Each seed folder is read into the same numbers (`seed_numbers`); every figure of the report is then the
 mean over the seeds with its 95 % t-interval (`stats.estimate`), ratios included: a ratio is computed per
 seed, then averaged. The ends of every ratio come from the `scores` stage (all test images); curves come
-from the per-epoch evaluations on the profile's test subset. Only Fig. 4 runs networks (seed 0's final O,
-D and attacker on one test image per class); nothing trains.
+from the per-epoch evaluations on the profile's test subset; the attack suites' tables from each seed's suite.json
+(experiments/privacy_table.py). Only Fig. 4 runs networks (seed 0's final O, D and the suite's attacks on one
+test image per class); nothing trains.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 from ..data import Dataset
 from ..errors import UserError
 from ..privacy.samples import sample_rows
-from ..runs import last_record, read_metrics
+from ..runs import is_done, last_record, read_metrics
 from ..runtime import atomic_write_text
 from . import figures
+from .privacy_table import SUITES, privacy_lines
 from .stats import Estimate, estimate, verdict
 
-STAGES = ("c0", "o0", "robust", "control", "drift", "recovery", "attack", "attack-o0", "attack-robust", "identify", "whitebox",
+STAGES = ("c0", "o0", "robust", "control", "drift", "recovery", "attack-o0", "attack-robust", "identify", "whitebox",
           "blackbox", "remap", "scores")
 PAPER = {"c0": 0.7082, "o0": 0.4068, "c_final": 0.8153, "o0_final": 0.2052, "recovery": 0.73}
 PAPER["o0_ratio"] = PAPER["o0"] / PAPER["c0"]
@@ -87,12 +89,14 @@ def seed_numbers(folder: Path) -> dict[str, Any]:
     for name, stage in (("o0", "o0"), ("final", "recovery")):
         r = last_record(m[stage], "deobfuscator_psnr_db")
         n[f"d_psnr_{name}"], n[f"d_ssim_{name}"] = _value(r, "deobfuscator_psnr_db"), _value(r, "deobfuscator_ssim")
-    for name, stage in (("final", "attack"), ("o0", "attack-o0"), ("robust", "attack-robust")):
+    for name, stage in (("o0", "attack-o0"), ("robust", "attack-robust")):
         r = last_record(m[stage], "attacker_psnr_db")
         n[f"attack_psnr_{name}"], n[f"attack_ssim_{name}"] = _value(r, "attacker_psnr_db"), _value(r, "attacker_ssim")
-    n["attack_arch"] = (last_record(m["attack"], "attacker_psnr_db") or {}).get("arch", "")
     identify = last_record(m["identify"], "test_accuracy")
     n["identify"], n["chance"] = _value(identify, "test_accuracy"), _value(identify, "chance")
+    # the attack suites (privacy/suite.py): their summaries, as the suites wrote them
+    n["suites"] = {stage: json.loads((folder / stage / "suite.json").read_text()) for stage, _ in SUITES
+                   if (folder / stage / "suite.json").exists()}
 
     # beyond the paper: the robust obfuscator and its control beside O0, on the same classifiers
     if drift and "robust" in drift[0][2]:
@@ -190,8 +194,8 @@ def draw_figures(out: Path, seeds: list[dict[str, Any]], folders: list[Path], da
     paths = []
     first = folders[0]
     if (first / "recovery" / "obfuscator.safetensors").exists():
-        attacks = {"fresh attacker": first / "attack"} if (first / "attack" / "attacker.safetensors").exists() else {}
-        rows = sample_rows(first / "recovery", attack_runs=attacks, data=data, data_root=data_root, device="cpu")
+        suite = first / "privacy" if is_done(first / "privacy") else None  # one row per attack of the suite
+        rows = sample_rows(first / "recovery", suite=suite, data=data, data_root=data_root, device="cpu")
         paths.append(figures.sample_grid(rows, out / "fig4_samples.png", title=f"{first.name}: final obfuscator"))
     bars = {"classifier C0": over_seeds(seeds, "c0"), "obfuscator O0": over_seeds(seeds, "o0"),
             "final classifier": over_seeds(seeds, "c_final"), "final obfuscator": over_seeds(seeds, "recovery")}
@@ -276,15 +280,12 @@ def write_report(out: str | Path, data_root: str | Path | None = None, data: Dat
     for label, name in (("O0", "o0"), ("O after recovery", "final")):
         lines.append(f"| {label} | co-trained D | {over_seeds(seeds, f'd_psnr_{name}').text()} | "
                      f"{over_seeds(seeds, f'd_ssim_{name}').text(digits=3)} |")
-    if over_seeds(seeds, "attack_psnr_final").n:
-        arch = seeds[0]["attack_arch"] or "decoder"
-        lines.append(f"| O after recovery | fresh attacker ({arch}, trained after O froze) | "
-                     f"{over_seeds(seeds, 'attack_psnr_final').text()} | {over_seeds(seeds, 'attack_ssim_final').text(digits=3)} |")
     if over_seeds(seeds, "identify").n:
-        lines += ["", f"- A fresh classifier trained on the fresh attacker's reconstructions of the training images "
+        lines += ["", f"- A fresh classifier trained on the suite decoder's reconstructions of the training images "
                   f"tells the class of the test images' reconstructions (on {dataset}: "
                   f"{'who it is' if dataset == 'orl' else 'their label'}) with accuracy {pct(over_seeds(seeds, 'identify'))} % "
                   f"(chance {100 * over_seeds(seeds, 'chance').mean:.1f} %; C0 on the clean images {pct(e['c0'])} %)."]
+    lines += privacy_lines(seeds, [f.name for f in folders])
     lines += ["", "The obfuscation is not differential privacy in the formal sense: no noise is calibrated to a "
               "privacy budget. Privacy is measured by the attacks above, nothing more."]
     lines += beyond_lines(seeds)

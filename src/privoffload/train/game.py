@@ -68,25 +68,36 @@ class Readability:
 
 def game_step(obf_net: nn.Module, deobf_net: nn.Module, readability: Callable, xb: torch.Tensor, yb: torch.Tensor,
               opt_o: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, *, lam: float, recon: Loss,
-              device: torch.device, bf16: bool) -> tuple[torch.Tensor, ...]:
+              device: torch.device, bf16: bool, d_steps: int = 1,
+              recon_cap: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """One step of the game (D, then O against the updated D); returns the detached CE, D's loss, O's loss, C's logits.
 
     `readability(z, y)` -> (classification loss, logits): a `Readability`, or a surrogate's in black-box re-sync.
+    `yb` may be labels or C's soft outputs (probabilities). Recipe options: `d_steps` D steps on the batch before
+    O's step; `recon_cap` (an image, e.g. the mean training image): O's reward for D's error on an image stops at
+    the error that image would have if answered by `recon_cap`, so O cannot gain by making D's output worse than
+    a guess (anti-correlated), which no fresh attacker would copy.
     """
     deobf = getattr(deobf_net, "module", deobf_net)
     with autocast(device, bf16):
         z = obf_net(xb).float()
-        # 1. D's step, on the upload as given: O(x) detached, so it cannot move O
-        loss_d = recon(deobf_net(z.detach()).float(), xb)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    for _ in range(d_steps):  # 1. D's steps, on the upload as given: O(x) detached, so they cannot move O
+        with autocast(device, bf16):
+            loss_d = recon(deobf_net(z.detach()).float(), xb)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
 
     # 2. O's step: readable for the frozen classifier(s), hard for the updated D (whose weights take no gradient)
     deobf.requires_grad_(False)
     with autocast(device, bf16):
         ce, logits = readability(z, yb)
-        loss_o = ce - lam * recon(deobf(z).float(), xb) if lam > 0 else ce
+        if lam > 0 and recon_cap is not None:
+            per_image = recon(deobf(z).float(), xb, reduction="none").mean(dim=(1, 2, 3))
+            cap = recon(recon_cap.expand_as(xb), xb, reduction="none").mean(dim=(1, 2, 3))
+            loss_o = ce - lam * torch.minimum(per_image, cap).mean()
+        else:
+            loss_o = ce - lam * recon(deobf(z).float(), xb) if lam > 0 else ce
     opt_o.zero_grad(set_to_none=True)
     loss_o.backward()
     opt_o.step()

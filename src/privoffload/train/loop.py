@@ -155,16 +155,25 @@ class Context:
     test: DeviceData
     batch: int  # images per step on this rank
     steps: int  # steps per epoch
+    val: DeviceData | None = None  # the validation split, held out of the training subset
 
     @classmethod
     def open(cls, cfg: TrainConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
-             data_root: str | Path | None = None) -> "Context":
-        """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs."""
+             data_root: str | Path | None = None, holdout: int = 0) -> "Context":
+        """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs.
+
+        `holdout` > 0 carves the last `holdout` images of the training subset into `val`, a validation split
+        that training never sees (early stopping reads it, never the test split)."""
         dev = rank_device(pick_device(device))
         dist = init_dist(dev)
         run = RunDir(out, dist)
         data = dataset_for(cfg, data, data_root)
-        train = DeviceData(*select(data, cfg.subset, cfg.seed), dev)
+        x, y = select(data, cfg.subset, cfg.seed)
+        if holdout and not 0 < holdout < len(y):
+            raise UserError(f"a validation split of {holdout} images leaves none of the {len(y)} images of subset "
+                            f"{cfg.subset} to train on; lower val_images")
+        val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
+        train = DeviceData(x[:len(y) - holdout], y[:len(y) - holdout], dev)
         test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world
         steps = train.steps(batch, drop_last=True, world=dist.world)
@@ -172,7 +181,7 @@ class Context:
             raise UserError(f"subset {cfg.subset} has {len(train)} images, fewer than one batch of {cfg.batch_size}; "
                             "lower batch_size")
         torch.manual_seed(cfg.seed)  # networks built after this start the same on every rank
-        return cls(cfg, dev, dist, run, use_bf16(cfg.precision, dev), data, train, test, batch, steps)
+        return cls(cfg, dev, dist, run, use_bf16(cfg.precision, dev), data, train, test, batch, steps, val)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -216,6 +225,14 @@ class Task:
         """One optimisation step; returns detached per-batch means, averaged over the epoch into the record."""
         raise NotImplementedError
 
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """After every epoch's steps, before any test evaluation: per-epoch numbers (e.g. validation) for the record."""
+        return {}
+
+    def converged(self) -> bool:
+        """True once training should stop before its last epoch (early stopping); restored with `parts` on resume."""
+        return False
+
     def evaluate(self) -> dict[str, Any]:
         """Scores on the test images (always the test split)."""
         return {}
@@ -245,6 +262,8 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
 
     progress = Progress(task.stage, cfg.epochs, start, quiet=not dist.main)
     for epoch in range(start, cfg.epochs):
+        if task.converged():
+            break
         t0 = time.perf_counter()
         task.begin_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
@@ -257,7 +276,8 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
         record = {"stage": task.stage, "epoch": epoch + 1, **dict(zip(sums, means))}
         record["time_s"] = time.perf_counter() - t0
         record["images_per_s"] = ctx.steps * ctx.batch * dist.world / record["time_s"]
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        record.update(task.end_epoch(epoch + 1))
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or task.converged():
             record.update(timed(task.evaluate))
         run.log(record)
         if dist.main:  # weights every epoch (and the snapshots asked for), then the checkpoint: its epoch says what is complete

@@ -42,6 +42,7 @@ class ObfuscatorTask(Task):
         self.opt_o, self.sched_o = ctx.optimizer(self.obf.parameters(), cfg.optim_o)
         self.opt_d, self.sched_d = ctx.optimizer(self.deobf.parameters(), cfg.optim_d)
         self.recon = reconstruction_loss(cfg.recon_loss)
+        self.recon_cap = ctx.train.x.float().mean(0, keepdim=True).div(255) if cfg.recon_cap else None  # the mean image
         self.clean_accuracy = None  # C is frozen: its clean accuracy is measured once
         self.arch = {"obfuscator": nets.arch_of(self.obf), "deobfuscator": nets.arch_of(self.deobf)}
         self.parts = {"obfuscator": self.obf, "deobfuscator": self.deobf, "optim_o": self.opt_o, "optim_d": self.opt_d,
@@ -54,8 +55,13 @@ class ObfuscatorTask(Task):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         ctx = self.ctx
-        ce, loss_d, loss_o, logits = game_step(self.obf_net, self.deobf_net, self.readability, x, y, self.opt_o, self.opt_d,
-                                               lam=ctx.cfg.lam, recon=self.recon, device=ctx.device, bf16=ctx.bf16)
+        target = y
+        if ctx.cfg.soft_targets:  # distillation: C's answer on the clean image, not the label, is what O must keep
+            with torch.no_grad(), ctx.autocast():
+                target = torch.softmax(self.classifier(x).float(), 1)
+        ce, loss_d, loss_o, logits = game_step(self.obf_net, self.deobf_net, self.readability, x, target, self.opt_o,
+                                               self.opt_d, lam=ctx.cfg.lam, recon=self.recon, device=ctx.device,
+                                               bf16=ctx.bf16, d_steps=ctx.cfg.d_steps, recon_cap=self.recon_cap)
         self.sched_d.step()
         self.sched_o.step()
         return {"train_classification_loss": ce, "train_reconstruction_loss": loss_d, "train_obfuscator_loss": loss_o,
