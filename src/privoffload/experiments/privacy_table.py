@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..privacy.suite import position
+from ..privacy.suite import budget_text, position
 from .stats import Estimate, estimate, verdict
 from .sweep import TARGET
 
@@ -32,26 +32,6 @@ def _signed(e: Estimate) -> str:
     return "–" if e.n == 0 else f"{e.mean:+.2f}" + (f" ± {e.half:.2f}" if e.n > 1 else "")
 
 
-def _joined(values: list[Any]) -> str:
-    """One value where the seeds agree, else each seed's, in order ('3/5')."""
-    return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
-
-
-def _budget(rows: list[dict]) -> str:
-    """What the attack spent, per seed where it differs (epochs, steps, validation's best epoch, seconds)."""
-    r, parts = rows[0], []
-    if r.get("epochs"):
-        parts.append(f"{_joined([x['epochs'] for x in rows])} epochs ({_joined([x['steps'] for x in rows])} steps), "
-                     f"best at {_joined([x['best_epoch'] for x in rows])}" + (f", {r['arch']}" if r.get("arch") else ""))
-    elif r.get("steps"):
-        parts.append(f"{r['steps']} steps per image")
-    if r.get("chosen"):
-        parts.append(f"chose {_joined([x['chosen'] for x in rows])}")
-    if r.get("wall_s"):
-        parts.append(f"{sum(x['wall_s'] for x in rows) / len(rows):.0f} s")
-    return "; ".join(parts)
-
-
 def suite_table(summaries: dict[str, dict]) -> list[str]:
     """One obfuscator's suite over the seeds (seed folder name -> its suite.json): rows, strongest attack, target."""
     names = list(summaries)
@@ -67,7 +47,7 @@ def suite_table(summaries: dict[str, dict]) -> list[str]:
         probe = [x["probe_accuracy"] for x in rows if "probe_accuracy" in x]
         lines.append(f"| {f'**{r}**' if r == strongest else r} | {rows[0]['kind']} | {_text([x['psnr_db'] for x in rows])} | "
                      f"{_text([x['ssim'] for x in rows], digits=3)} | {_text(probe, 100, 1) if probe else '–'} | "
-                     f"{_budget(rows)} |")
+                     f"{budget_text(rows)} |")
 
     where = [position(s["rows"], strongest) for s in summaries.values() if strongest in s["rows"]]
     above = [w["psnr_db_above_mean_image"] for w in where]

@@ -235,24 +235,34 @@ def _ci(v: float | None, half: float | None, fmt: str) -> str:
     return f"{v:{fmt}} ± {half:{fmt}}" if half is not None and math.isfinite(half) else f"{v:{fmt}}"
 
 
+def budget_text(rows: list[dict]) -> str:
+    """What an attack spent (epochs, steps, validation's best epoch, choice, seconds): one row, or one per seed,
+    each value written once where the seeds agree and as 'a/b/c' where they differ."""
+    def joined(key: str) -> str:
+        values = [x[key] for x in rows]
+        return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+    r, parts = rows[0], []
+    if r.get("epochs"):
+        parts.append(f"{joined('epochs')} epochs ({joined('steps')} steps), best at {joined('best_epoch')}"
+                     + (f", {r['arch']}" if r.get("arch") else ""))
+    elif r.get("steps"):
+        parts.append(f"{r['steps']} steps per image")
+    if r.get("chosen"):
+        parts.append(f"chose {joined('chosen')}")
+    if r.get("wall_s"):
+        parts.append(f"{sum(x['wall_s'] for x in rows) / len(rows):.0f} s")
+    return "; ".join(parts)
+
+
 def suite_rows(summary: dict) -> list[str]:
     """A suite.json as markdown: one row per attack and reference, then the strongest attack and where it lies."""
     lines = ["| row | kind | PSNR dB | SSIM | fresh-classifier acc. % | budget used |", "|---|---|---|---|---|---|"]
     for name, r in summary["rows"].items():
         probe = (f"{100 * r['probe_accuracy']:.1f} ± {100 * r['probe_accuracy_ci']:.1f}" if "probe_accuracy" in r else "–")
-        budget = []
-        if r.get("epochs"):
-            budget.append(f"{r['epochs']} epochs ({r['steps']} steps), best at {r['best_epoch']}"
-                          + (f", {r['arch']}" if r.get("arch") else ""))
-        elif r.get("steps"):
-            budget.append(f"{r['steps']} steps per image")
-        if r.get("chosen"):
-            budget.append(f"chose {r['chosen']}")
-        if r.get("wall_s"):
-            budget.append(f"{r['wall_s']:.0f} s")
         name_ = f"**{name}**" if name == summary["strongest"] else name
         lines.append(f"| {name_} | {r['kind']} | {_ci(r['psnr_db'], r['psnr_ci'], '.2f')} | "
-                     f"{_ci(r['ssim'], r['ssim_ci'], '.3f')} | {probe} | {'; '.join(budget)} |")
+                     f"{_ci(r['ssim'], r['ssim_ci'], '.3f')} | {probe} | {budget_text([r])} |")
     pos = summary["position"]
     above = pos["psnr_db_above_mean_image"]
     where = (f"{'∞' if above is None else format(above, '+.2f')} dB above the mean image; SSIM {100 * pos['ssim']:.0f} % of the way "
