@@ -29,19 +29,28 @@ from .client.resync import ClientState
 from .cloud.app import create_app
 from .cloud.auth import Tokens
 from .cloud.repository import Repository, new_key_pair
+from .cloud.server import uvicorn_config
 from .config import DriftConfig, LiveConfig, ProtocolConfig, ServeConfig
 from .data import Dataset, load_dataset, select
 from .runs import RunDir, is_done
 
 
 class LoopbackServer:
-    """The service under a real uvicorn on a free loopback port, in a background thread."""
+    """The app under a real uvicorn, on a free loopback port, in a background thread: with the service's own
+    uvicorn settings (TLS, timeouts, limits) when the app has a ServeConfig, else uvicorn's defaults."""
 
-    def __init__(self, cfg: ServeConfig, tokens: Tokens):
-        self.sock = socket.socket()
+    def __init__(self, app):
+        self.app = app
+        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio then sets TCP_NODELAY on each connection, without
+        # which every answer on a kept-alive connection waits ~40 ms for a delayed ACK
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(cfg, tokens), log_config=None, access_log=False))
+        self.port = self.sock.getsockname()[1]
+        cfg = getattr(getattr(app, "state", None), "config", None)
+        self.url = f"{'https' if cfg and cfg.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn_config(app, cfg) if cfg else uvicorn.Config(app, log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LoopbackServer":
@@ -49,7 +58,7 @@ class LoopbackServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
+                raise RuntimeError("uvicorn did not start")
             time.sleep(0.02)
         return self
 
@@ -97,7 +106,7 @@ def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.nda
         serve = ServeConfig(repo=str(repo.root), device="cpu", serve_weights=True)
         state = ClientState.create(folder / obfuscator, work / "client", model_version="1")
         resync = dataclasses.replace(live.resync, mode="white-box")
-        with LoopbackServer(serve, Tokens.of(inference, admin)) as server, \
+        with LoopbackServer(create_app(serve, Tokens.of(inference, admin))) as server, \
                 AutoSyncClient(server.url, state.path, x_own, y_own, drift=DriftConfig(reclassify=False),
                                resync_cfg=resync, token=inference, publisher_key=public, model=model) as client:
             t0 = time.perf_counter()

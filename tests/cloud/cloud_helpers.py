@@ -6,18 +6,16 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from privoffload.cloud.app import create_app
 from privoffload.cloud.auth import Tokens
 from privoffload.cloud.repository import Repository, new_key_pair
-from privoffload.cloud.server import uvicorn_config
 from privoffload.config import ServeConfig
+from privoffload.live import LoopbackServer as LiveServer  # noqa: F401  (the service tests' loopback server)
 
 from ..helpers import calibrated, fit_head  # noqa: F401  (re-exported for the service tests)
 
@@ -39,39 +37,6 @@ def make_repo(root: Path, files: list[Path], signing_key: Path | None = None) ->
 
 def key_pair(folder: Path, name: str = "publisher") -> tuple[Path, Path]:
     return new_key_pair(folder, name)
-
-
-class LiveServer:
-    """The app under a real uvicorn, on a free loopback port, in a background thread: with the service's own
-    uvicorn settings (TLS, timeouts, limits) when the app has a ServeConfig, else uvicorn's defaults."""
-
-    def __init__(self, app):
-        self.app = app
-        # proto IPPROTO_TCP, as uvicorn's own sockets: asyncio then sets TCP_NODELAY on each connection, without
-        # which every answer on a kept-alive connection waits ~40 ms for a delayed ACK
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        cfg = getattr(getattr(app, "state", None), "config", None)
-        self.url = f"{'https' if cfg and cfg.ssl_certfile else 'http'}://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, cfg) if cfg else uvicorn.Config(app, log_config=None, access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 def serve(repo: Repository, tokens: Tokens | None = None, **settings) -> LiveServer:
