@@ -16,9 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "privoffload"
 
 RANK = {  # a module may import the modules of its own component and of components of a lower rank
     "__init__": 0, "errors": 0, "oip": 0,
-    "runtime": 1,
+    "config": 1, "runtime": 1,  # settings are data (no torch); runtime is the base of everything that runs
     "data": 2, "nets": 2, "ldp": 2,
-    "config": 3,
     "metrics": 4,
     "runs": 5,
     "train": 6,
@@ -29,7 +28,7 @@ RANK = {  # a module may import the modules of its own component and of componen
     "cli": 11,
     "__main__": 12,
 }
-REACH = {"cloud": RANK["config"], "client": RANK["train"]}  # the apps reach less far down than their rank
+REACH = {"cloud": RANK["nets"], "client": RANK["train"]}  # the apps reach less far down than their rank
 
 
 def component(module: str) -> str:
@@ -107,3 +106,11 @@ def test_the_apps_load_no_trainer_and_the_client_no_torchmetrics():
     client = subprocess.run([sys.executable, "-c", probe.replace("privoffload.cloud.app, ", "")], capture_output=True,
                             text=True, check=True).stdout
     assert "torchmetrics" not in client and "privoffload.privacy" not in client and "experiments" not in client, client
+
+
+def test_settings_and_the_command_line_load_without_torch():
+    """config/ is data: loading every setting, and the CLI's --help, imports no torch (and no network code)."""
+    probe = ("import sys, privoffload.config, privoffload.cli; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

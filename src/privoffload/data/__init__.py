@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config.values import DATASETS as NAMES, check_dataset
 from ..errors import UserError
 from . import cifar10, folder, orl, pneumoniamnist
 from .base import (CIFAR10_CLASSES, MULTIPLE, Dataset, DeviceData, default_root, mirror, parse_size, parse_subset,
                    project_root, quantize8, resize, select, shared_data, subset_indices, to_pixels)
 from .cifar10 import LAYOUTS, URLS, download, locate
 
-NAMES = ("cifar10", "pneumoniamnist", "orl")  # and folder:PATH
 LOADERS = {"cifar10": cifar10.load, "pneumoniamnist": pneumoniamnist.load, "orl": orl.load}
 DOWNLOADS = {"cifar10": cifar10.download, "pneumoniamnist": pneumoniamnist.download, "orl": orl.download}
 CLASSES = CIFAR10_CLASSES  # the classes of networks whose files predate per-data-set metadata
@@ -31,13 +31,6 @@ __all__ = ["Dataset", "Cifar10", "DeviceData", "load_dataset", "load_cifar10", "
            "select", "subset_indices", "parse_subset", "parse_size", "to_pixels", "quantize8", "mirror", "resize",
            "CLASSES", "CIFAR10_CLASSES", "MULTIPLE", "NAMES", "URLS", "LAYOUTS", "download", "locate", "default_root",
            "project_root", "shared_data"]
-
-
-def check_dataset(name: str) -> str:
-    """A `dataset` setting, checked before any data is read: one of NAMES or folder:PATH."""
-    if name in LOADERS or (name.startswith("folder:") and len(name) > len("folder:")):
-        return name
-    raise UserError(f"unknown data set {name!r}; choose one of {', '.join(NAMES)}, or folder:PATH for your own images")
 
 
 def load_dataset(name: str = "cifar10", root: str | Path | None = None, image_size: str = "") -> Dataset:

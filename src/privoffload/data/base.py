@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config.values import MULTIPLE, parse_size, parse_subset
 from ..errors import UserError
 from ..runtime import atomic_path
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-MULTIPLE = 8  # the codec halves an image three times (nets/codec.py): every side must be a multiple of 8
 
 
 @dataclass
@@ -102,20 +102,6 @@ def fetch(url: str, md5: str | None, dest: Path, hint: str) -> Path:
     return dest
 
 
-def parse_size(text: str) -> tuple[int, int] | None:
-    """`64x56` -> (64, 56): height x width, each a multiple of 8; "" -> None (the data set's own size)."""
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"image_size {text!r} is not HEIGHTxWIDTH, e.g. 64x56") from None
-    if h <= 0 or w <= 0 or h % MULTIPLE or w % MULTIPLE or max(h, w) > 1024:
-        raise UserError(f"image_size {text!r}: both sides must be multiples of {MULTIPLE} (the codec halves the image "
-                        f"three times), at most 1024")
-    return h, w
-
-
 def resize(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """uint8 images [N, C, H, W] resized to `size` (height, width) with Pillow's antialiased bicubic filter."""
     if size is None or tuple(x.shape[2:]) == tuple(size):
@@ -134,21 +120,6 @@ def check_size(name: str, shape: tuple[int, ...]) -> None:
     if h % MULTIPLE or w % MULTIPLE:
         raise UserError(f"{name} images are {h}x{w}; the codec needs sides that are multiples of {MULTIPLE}: "
                         f"set image_size, e.g. {-(-h // MULTIPLE) * MULTIPLE}x{-(-w // MULTIPLE) * MULTIPLE}")
-
-
-def parse_subset(spec: str) -> tuple[str, int, int]:
-    """`all`, `first:N`, `random:N`, `range:A:B` -> (kind, a, b); checked before any data is read."""
-    parts = spec.split(":")
-    try:
-        if parts == ["all"]:
-            return "all", 0, 0
-        if parts[0] in ("first", "random") and len(parts) == 2 and int(parts[1]) > 0:
-            return parts[0], int(parts[1]), 0
-        if parts[0] == "range" and len(parts) == 3 and 0 <= int(parts[1]) < int(parts[2]):
-            return "range", int(parts[1]), int(parts[2])
-    except ValueError:
-        pass
-    raise UserError(f"subset {spec!r} is not one of all, first:N, random:N, range:A:B")
 
 
 def subset_indices(spec: str, n: int, seed: int = 0) -> np.ndarray:

@@ -1,33 +1,13 @@
-"""Settings in one place: dataclasses, loaded from TOML, overridden by `key=value` strings.
-
-Every trainer takes one of these dataclasses and saves it, resolved, as `config.toml` beside its
-outputs, so a run folder always says how it was made. Unknown keys and values of the wrong type
-are errors, never silently ignored.
-
-Settings that are not part of a run (they change where or how loudly it runs, never what it computes)
-come from the environment instead:
-
-    PRIVOFFLOAD_DATA        the data root: cifar-10-batches-bin or -py, pneumoniamnist.npz, the ORL faces' s1/ ... s40/
-                            (default: .cache/data in the checkout)
-    PRIVOFFLOAD_SHARED      the shared folder with the read-only data copies (data/README.md; default: ../shared)
-    PRIVOFFLOAD_PROGRESS    0 turns the progress bar off on a terminal (per-epoch lines stay)
-    PRIVOFFLOAD_TOKEN, PRIVOFFLOAD_ADMIN_TOKEN   the service's bearer tokens (docs/service.md)
-"""
+"""The trainers' and the attacks' settings: one dataclass each, saved resolved as a run folder's config.toml."""
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import tomli_w
-
-from .data import check_dataset, parse_size, parse_subset
-from .errors import UserError
+from ..errors import UserError
+from .loader import choice, positive, subset
+from .values import check_dataset, parse_size
 
 
 @dataclass
@@ -42,9 +22,9 @@ class OptimConfig:
     warmup_epochs: float = 1.0
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.name", self.name, ("sgd", "adam"))
-        _choice(f"{where}.schedule", self.schedule, ("linear", "cosine", "constant"))
-        _positive(f"{where}.lr", self.lr)
+        choice(f"{where}.name", self.name, ("sgd", "adam"))
+        choice(f"{where}.schedule", self.schedule, ("linear", "cosine", "constant"))
+        positive(f"{where}.lr", self.lr)
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise UserError(f"{where}: weight_decay and warmup_epochs must be >= 0")
 
@@ -98,12 +78,12 @@ class TrainConfig(DataConfig):
     def validate(self) -> None:
         DataConfig.validate(self)
         for name in ("epochs", "batch_size", "eval_every"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if self.snapshot_every < 0:
             raise UserError(f"config: snapshot_every = {self.snapshot_every} must be >= 0")
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _subset(self.subset)
-        _subset(self.test_subset)
+        choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        subset(self.subset)
+        subset(self.test_subset)
 
 
 @dataclass
@@ -117,7 +97,7 @@ class ClassifierConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        _positive("width", self.width)
+        positive("width", self.width)
         self.optim.validate("optim")
 
 
@@ -158,7 +138,7 @@ class ObfuscatorConfig(TrainConfig):
         if not self.classifier:
             raise UserError("config: classifier is required: the run folder of the classifier to obfuscate for (--classifier RUN)")
         super().validate()
-        _positive("width", self.width)
+        positive("width", self.width)
         if not self.lam >= 0:
             raise UserError(f"config: lam = {self.lam!r} must be >= 0")
         if not self.ensemble_weight >= 0:
@@ -166,8 +146,8 @@ class ObfuscatorConfig(TrainConfig):
         if not 0 <= self.ensemble_per_step <= len(self.ensemble):
             raise UserError(f"config: ensemble_per_step = {self.ensemble_per_step} must be between 0 (all) and "
                             f"the {len(self.ensemble)} ensemble classifiers")
-        _choice("recon_loss", self.recon_loss, ("mse", "l1"))
-        _positive("d_steps", self.d_steps)
+        choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        positive("d_steps", self.d_steps)
         self.optim_o.validate("optim_o")
         self.optim_d.validate("optim_d")
 
@@ -196,9 +176,9 @@ class AttackConfig(TrainConfig):
         if not self.obfuscator:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
         super().validate()
-        _positive("width", self.width)
-        _choice("arch", self.arch, ("codec", "unet"))
-        _choice("recon_loss", self.recon_loss, ("mse", "l1"))
+        positive("width", self.width)
+        choice("arch", self.arch, ("codec", "unet"))
+        choice("recon_loss", self.recon_loss, ("mse", "l1"))
         if self.val_images < 0 or self.patience < 0:
             raise UserError("config: val_images and patience must be >= 0")
         if self.patience and not self.val_images:
@@ -250,15 +230,15 @@ class InversionConfig:
         if not self.obfuscator:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to invert (--obfuscator RUN)")
         for name in ("steps", "lr", "batch_size"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if not self.tv >= 0:
             raise UserError(f"config: tv = {self.tv!r} must be >= 0")
-        _choice("start", self.start, ("mean", "decoder"))
+        choice("start", self.start, ("mean", "decoder"))
         if self.start == "decoder" and not self.decoder:
             raise UserError("config: start = \"decoder\" needs decoder = an attack run folder")
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _subset(self.subset)
-        _subset(self.test_subset)
+        choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        subset(self.subset)
+        subset(self.test_subset)
 
 
 @dataclass
@@ -280,8 +260,8 @@ class AdaptiveConfig:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
         if self.epochs < 0 or self.finetune_epochs < 0:
             raise UserError("config: epochs and finetune_epochs must be >= 0")
-        _subset(self.subset)
-        _subset(self.test_subset)
+        subset(self.subset)
+        subset(self.test_subset)
         replace_ = dataclasses.replace(self.decoder, obfuscator=self.obfuscator)
         replace_.validate()
 
@@ -303,9 +283,9 @@ class ProbeConfig:
                                                                    schedule="cosine", warmup_epochs=0.0))
 
     def validate(self) -> None:
-        _choice("probe.kind", self.kind, ("ridge", "resnet18"))
+        choice("probe.kind", self.kind, ("ridge", "resnet18"))
         for name in ("width", "batch_size", "epochs"):
-            _positive(f"probe.{name}", getattr(self, name))
+            positive(f"probe.{name}", getattr(self, name))
         if not self.ridge >= 0:
             raise UserError(f"config: probe.ridge = {self.ridge!r} must be >= 0")
         if self.folds < 2:
@@ -335,8 +315,8 @@ class SuiteConfig:
         if not self.attacks or len(set(self.attacks)) != len(self.attacks):
             raise UserError(f"config: attacks = {self.attacks} must name each attack once, of {', '.join(ATTACKS)}")
         for a in self.attacks:
-            _choice("attacks[]", a, ATTACKS)
-        _subset(self.test_subset)
+            choice("attacks[]", a, ATTACKS)
+        subset(self.test_subset)
         self.probe.validate()
         for a in self.attacks:  # each part as the suite runs it (its obfuscator and images are the suite's)
             try:
@@ -394,9 +374,9 @@ class ResyncConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
-        _choice("mode", self.mode, ("auto", "white-box", "black-box"))
+        choice("mode", self.mode, ("auto", "white-box", "black-box"))
         for name in ("steps", "batch_size", "max_queries", "rounds", "eval_every"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if not self.query_growth >= 1:
             raise UserError(f"config: query_growth = {self.query_growth} must be >= 1")
         if self.surrogate_steps < 0 or self.lookahead_steps < 0 or self.api_top_k < 0:
@@ -404,323 +384,15 @@ class ResyncConfig(DataConfig):
         if not 0 <= self.held_out < 0.5:
             raise UserError(f"config: held_out = {self.held_out} must be a share in [0, 0.5)")
         for kind in self.queries:
-            _choice("queries", kind, QUERY_KINDS)
+            choice("queries", kind, QUERY_KINDS)
         if not self.queries:
             raise UserError("config: queries is empty; give at least one kind, e.g. queries = [\"plain\"]")
         if self.max_queries < self.rounds:
             raise UserError(f"config: max_queries = {self.max_queries} leaves no query for each of {self.rounds} rounds")
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _subset(self.subset)
-        _subset(self.test_subset)
+        choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        subset(self.subset)
+        subset(self.test_subset)
         for name in ("optim_o", "optim_d", "optim_surrogate"):
             getattr(self, name).validate(name)
 
 
-@dataclass
-class DriftConfig:
-    """When the client re-syncs by itself (client/drift.py); every check and decision is logged."""
-
-    on_version_change: bool = True  # re-sync when the cloud answers with another model version
-    canary_threshold: float = 0.0  # re-sync when accuracy on the labelled canary images falls below this (0 = off)
-    canary_every: int = 50  # classify calls between canary checks
-    reclassify: bool = True  # after a re-sync, classify the call's images again with the new obfuscator
-    retry_after_calls: int = 1  # a failed re-sync is tried again after this many classify calls, doubling each failure
-
-    def validate(self) -> None:
-        if not 0 <= self.canary_threshold <= 1:
-            raise UserError(f"config: canary_threshold = {self.canary_threshold} must be an accuracy in [0, 1]")
-        _positive("canary_every", self.canary_every)
-        _positive("retry_after_calls", self.retry_after_calls)
-
-
-@dataclass
-class SweepConfig:
-    """One obfuscator per lambda and seed, each attacked by the whole suite: the privacy-utility frontier."""
-
-    lams: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])
-    seeds: list[int] = field(default_factory=lambda: [0])  # one obfuscator (and suite) per seed and lambda
-    obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)  # its lam and seed are set per point
-    suite: SuiteConfig = field(default_factory=SuiteConfig)  # its obfuscator is set per point
-
-    def validate(self) -> None:
-        if not self.lams:
-            raise UserError("config: lams is empty; give at least one lambda, e.g. --lams 0,1,4")
-        if len(set(self.lams)) != len(self.lams):
-            raise UserError(f"config: lams {self.lams} repeats a value")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UserError(f"config: seeds {self.seeds} must be one or more different seeds")
-        for lam in self.lams:
-            dataclasses.replace(self.obfuscator, lam=lam).validate()
-        dataclasses.replace(self.suite, obfuscator="(each obfuscator of the sweep)").validate()
-
-
-@dataclass
-class EpsilonSweepConfig:
-    """What formal privacy costs: one obfuscator's uploads with local-DP noise at each epsilon, scored for accuracy
-    (its own classifier) and attacked by a fresh decoder trained on uploads with that noise."""
-
-    obfuscator: str = ""  # obfuscator run folder; its classifier and data set come from its config
-    epsilons: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0, float("inf")])
-    delta: float = 1e-5
-    clip: float = 0.0  # L2 radius of the upload around mid-grey; 0 = the whole pixel cube (LdpConfig)
-    test_subset: str = "all"  # test images the accuracy is scored on
-    seed: int = 0  # the noise drawn when scoring
-    precision: str = "auto"
-    attack: AttackConfig = field(default_factory=AttackConfig)  # its obfuscator, data set and noise are set per point
-
-    def validate(self) -> None:
-        if not self.obfuscator:
-            raise UserError("config: obfuscator is required: the obfuscator run whose uploads get the noise (--obfuscator RUN)")
-        if not self.epsilons or len(set(self.epsilons)) != len(self.epsilons):
-            raise UserError(f"config: epsilons {self.epsilons} must be a non-empty list without repeats, e.g. 1,4,16,64,inf")
-        for eps in self.epsilons:
-            LdpConfig(eps, self.delta, self.clip).validate("sweep")
-        _subset(self.test_subset)
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        dataclasses.replace(self.attack, obfuscator="(the sweep's obfuscator)").validate()
-
-
-@dataclass
-class RobustConfig:
-    """The drift-robust obfuscator (docs/drift-robustness.md): O0 trained on against C0 and stand-ins for the cloud's
-    next update, snapshots along one fine-tune of C0 on the client's own images; beside a compute-matched control."""
-
-    # the stand-ins: C0 fine-tuned with flips at a high constant rate on images the drift never sees, a snapshot
-    # every epoch (its width is always C0's); epochs = 0 turns the robust stages off
-    trajectory: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(
-        epochs=4, subset="range:45000:50000", flip=True, eval_every=1, snapshot_every=1,
-        optim=OptimConfig(lr=0.05, schedule="constant", warmup_epochs=0.0)))
-    weight: float = 1.0  # ensemble_weight: the stand-ins' weight in O's classification loss, C0's being 1
-    per_step: int = 1  # ensemble_per_step: stand-ins drawn per step (0 = all)
-    flip_consistency: bool = True  # C0 and the stand-ins also read mirrored uploads: the update trains with flips
-    fine_tune: bool = True  # start from O0 and D0 (cheap); false: from scratch, like O0
-    epochs: int = 0  # 0 = the baseline obfuscator's epochs
-    lam: float = -1.0  # the robust obfuscator's lambda; < 0 = the baseline obfuscator's
-    control: bool = True  # also train the control: O0 given the same steps against C0 alone
-    attack: AttackConfig = field(default_factory=AttackConfig)  # the same fresh attack on O0 and on the robust O
-
-
-@dataclass
-class RemapConfig(DataConfig):
-    """The output-mapping baseline beside re-sync: relabel the API's answers on O0's uploads, no game (train/resync.py)."""
-
-    queries: int = 4096  # labelled images of the client's, uploaded once through O0, to fit the remapping on
-    subset: str = "first:20000"  # the client's own labelled images (the first `queries` of them are used)
-    test_subset: str = "all"
-    api_top_k: int = 0
-    seed: int = 0
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        _positive("queries", self.queries)
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _subset(self.subset)
-        _subset(self.test_subset)
-
-
-@dataclass
-class ScoresConfig(DataConfig):
-    """The points that enter the protocol's ratios, scored once more, on many test images (inference only)."""
-
-    test_subset: str = "all"  # all 10,000 test images: a ratio's two ends carry the least noise
-    precision: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _subset(self.test_subset)
-
-
-@dataclass
-class LiveConfig:
-    """The live hot swap after each seed (live.py): the service, a client, a model update, an automatic re-sync."""
-
-    enabled: bool = True
-    test_subset: str = "random:1000"  # the images the client classifies before the swap, after it, after the re-sync
-    resync: ResyncConfig = field(default_factory=lambda: ResyncConfig(steps=100))  # white-box, on the client's images
-
-    def validate(self) -> None:
-        _subset(self.test_subset)
-        self.resync.validate()
-
-
-PROFILES = ("smoke", "quick", "paper")
-
-
-@dataclass
-class ProtocolConfig:
-    """A whole reproduction (experiments/protocol.py). Each stage's `classifier`/`init`/`obfuscator` links are filled in there."""
-
-    profile: str = "paper"
-    dataset: str = "cifar10"  # every stage's data set (DataConfig); a profile or --dataset sets it
-    image_size: str = ""
-    baseline_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    baseline_obfuscator: ObfuscatorConfig = field(default_factory=ObfuscatorConfig)
-    drift: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(subset="range:0:45000", flip=True))
-    recovery: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(subset="range:0:45000", flip=True))
-    privacy: SuiteConfig = field(default_factory=SuiteConfig)  # the attack suite on O0 and on the final O
-    robust: RobustConfig = field(default_factory=RobustConfig)
-    resync: ResyncConfig = field(default_factory=ResyncConfig)  # the white-box and black-box re-syncs of O0
-    remap: RemapConfig = field(default_factory=RemapConfig)
-    identify: IdentifyConfig = field(default_factory=IdentifyConfig)  # off unless its epochs > 0
-    scores: ScoresConfig = field(default_factory=ScoresConfig)
-    live: LiveConfig = field(default_factory=LiveConfig)
-
-    def validate(self) -> None:
-        _choice("profile", self.profile, PROFILES)
-        DataConfig.validate(self)  # type: ignore[arg-type]
-        for stage in (self.baseline_classifier, self.baseline_obfuscator, self.drift, self.recovery, self.privacy.decoder,
-                      self.privacy.adaptive.decoder, self.robust.trajectory, self.robust.attack, self.resync, self.remap, self.scores, self.identify,
-                      self.live.resync):
-            stage.dataset, stage.image_size = self.dataset, self.image_size  # every stage works on the protocol's data
-        self.live.validate()
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"config: {name} = {value!r} is not one of {', '.join(allowed)}")
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise UserError(f"config: {name} = {value!r} must be > 0")
-
-
-def _subset(spec: str) -> None:
-    """A subset spec is checked before any data is read."""
-    parse_subset(spec)
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise UserError(f"config: {where or 'top level'} must be a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(
-            f"config: unknown key {where + '.' if where else ''}{unknown[0]}; known keys: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"config: {where} must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool, float) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise UserError(f"config: {where} must be {tp.__name__}, got {value!r}")
-    return value
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`optim.lr=0.1` -> (["optim", "lr"], 0.1); the value is read as TOML, else as a string."""
-    if "=" not in text:
-        raise UserError(f"override {text!r} is not key=value (for example optim.lr=0.1)")
-    key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-         sets: list[str] | None = None) -> Any:
-    """Defaults <- TOML file <- `sets` ("a.b=v") <- `overrides` (CLI options that were given)."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
-    for text in sets or []:
-        keys, value = parse_override(text)
-        _set(data, keys, value)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set(data, key.split("."), value)
-    cfg = from_dict(cls, data)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for k in keys[:-1]:
-        data = data.setdefault(k, {})
-        if not isinstance(data, dict):
-            raise UserError(f"config: {'.'.join(keys)} goes through a key that is not a table")
-    data[keys[-1]] = value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def to_toml(cfg: Any) -> str:
-    return tomli_w.dumps(to_dict(cfg))
-
-
-@dataclass
-class ServeConfig:
-    """The cloud service (`privoffload serve`). Tokens are not settings: they come from the environment."""
-
-    repo: str = "models"  # the model repository folder
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"  # auto | cpu | cuda
-    batch_window_ms: float = 2.0  # how long a batch waits for more requests; 0 = no micro-batching
-    max_batch_images: int = 256  # images per forward pass
-    max_request_images: int = 256  # images per request (an inference body may be as large as these need, no larger)
-    max_body_mb: float = 16.0  # no request body is larger (413), whatever the other limits allow
-    threads: int = 0  # CPU threads for the model (0 = torch's default); fewer than cores when the CPU is shared
-    serve_weights: bool = False  # let clients download each version's weights (white-box re-sync)
-    no_auth: bool = False  # serve without tokens (trusted networks and tests only)
-    log_level: str = "info"
-    ssl_certfile: str = ""  # PEM certificate (chain): with ssl_keyfile, the service speaks only https
-    ssl_keyfile: str = ""  # PEM private key of the certificate
-    max_queue_images: int = 1024  # images waiting for a forward pass; more are refused with 503 and Retry-After
-    queue_timeout_s: float = 10.0  # a request still waiting for its forward pass after this is dropped (503)
-    max_connections: int = 256  # open connections and requests at once; beyond, 503 (uvicorn's limit_concurrency)
-    header_timeout_s: float = 10.0  # a connection must send a request's headers within this, or is closed
-    body_timeout_s: float = 30.0  # and the request's body within this (408)
-    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    allowed_hosts: list[str] = field(default_factory=list)  # Host headers accepted with no_auth ([] = loopback names)
-
-    def validate(self) -> None:
-        for name in ("max_batch_images", "max_request_images", "max_body_mb", "max_queue_images", "queue_timeout_s",
-                     "max_connections", "header_timeout_s", "body_timeout_s", "keep_alive_s"):
-            _positive(name, getattr(self, name))
-        if self.threads < 0:
-            raise UserError(f"config: threads = {self.threads} must be >= 0")
-        if self.batch_window_ms < 0:
-            raise UserError(f"config: batch_window_ms = {self.batch_window_ms} must be >= 0")
-        if not 0 <= self.port < 65536:
-            raise UserError(f"config: port = {self.port} is not a TCP port")
-        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
-            raise UserError("config: give both ssl_certfile and ssl_keyfile (or neither, for plain http)")
-        if self.max_request_images > self.max_batch_images:
-            raise UserError(f"config: max_request_images = {self.max_request_images} exceeds max_batch_images = "
-                            f"{self.max_batch_images}: a request must fit one forward pass")
-        if self.max_queue_images < self.max_request_images:
-            raise UserError(f"config: max_queue_images = {self.max_queue_images} cannot hold one request of "
-                            f"max_request_images = {self.max_request_images}")
-        _choice("log_level", self.log_level, ("debug", "info", "warning", "error"))
