@@ -35,3 +35,14 @@ def test_bad_file(tmp_path):
     (tmp_path / "bad.toml").write_text("epochs = = 3")
     with pytest.raises(UserError, match="not valid TOML"):
         config.load(ClassifierConfig, tmp_path / "bad.toml")
+
+
+def test_a_nested_table_overrides_the_fields_own_default_key_by_key():
+    """`--set optim.lr=...` keeps the attack's Adam (its field's default), not the SGD of OptimConfig's class defaults."""
+    from privoffload.config import AttackConfig, UtilitySweepConfig
+
+    attack = config.load(AttackConfig, sets=["obfuscator=\"o\"", "optim.lr=0.01"])
+    assert (attack.optim.name, attack.optim.lr, attack.optim.schedule) == ("adam", 0.01, "cosine")
+    sweep = config.load(UtilitySweepConfig, sets=["obfuscator.classifier=\"c\"", "obfuscator.patience=3"])
+    assert (sweep.obfuscator.lam, sweep.obfuscator.d_idle, sweep.obfuscator.patience) == (0.0, True, 3)
+    assert sweep.obfuscator.val_subset == "range:48000:50000"

@@ -23,7 +23,7 @@ come from the environment instead:
 
 from .client import DriftConfig
 from .experiments import (PROFILES, EpsilonSweepConfig, LiveConfig, ProtocolConfig, RemapConfig, RobustConfig,
-                          ScoresConfig, SweepConfig)
+                          ScoresConfig, SweepConfig, UtilitySweepConfig)
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
 from .training import (ATTACKS, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, DataConfig, IdentifyConfig,

@@ -177,8 +177,10 @@ class DeviceData:
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, flip_images: bool = False, seed: int = 0,
-                drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False):
-        """Yield (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
+                drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False,
+                indices: bool = False):
+        """Yield (float images in [0, 1], labels); with `indices` also each image's position in this data and
+        whether it was mirrored (for values cached per image). `seed` fixes both the order and the flips."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         flips = torch.rand(len(self), generator=gen) < 0.5  # one draw per position of the epoch
@@ -192,7 +194,10 @@ class DeviceData:
                 xb = mirror(xb, flips[part])
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb.float().div_(255), self.y[idx]
+            if indices:
+                yield xb.float().div_(255), self.y[idx], idx, flips[part] & flip_images
+            else:
+                yield xb.float().div_(255), self.y[idx]
 
 
 def select(data: Dataset, spec: str, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

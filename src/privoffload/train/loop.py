@@ -203,11 +203,12 @@ class Context:
     def autocast(self):
         return autocast(self.device, self.bf16)
 
-    def batches(self, epoch: int):
-        """This rank's shuffled (optionally flipped) batches of one epoch; the seed fixes order and flips."""
+    def batches(self, epoch: int, indices: bool = False):
+        """This rank's shuffled (optionally flipped) batches of one epoch; the seed fixes order and flips. With
+        `indices`, each batch also says its images' positions in `train` and which were mirrored."""
         return self.train.batches(self.batch, shuffle=True, flip_images=self.cfg.flip, seed=epoch_seed(self.cfg.seed, epoch),
                                   drop_last=True, rank=self.dist.rank, world=self.dist.world,
-                                  channels_last=self.cfg.channels_last)
+                                  channels_last=self.cfg.channels_last, indices=indices)
 
 
 class Task:
@@ -217,6 +218,7 @@ class Task:
     stage: str = "train"
     arch: dict[str, Any]
     parts: dict[str, Any]
+    indexed: bool = False  # step(x, y, idx, flipped): also the batch's positions in ctx.train and its mirrored images
 
     def begin_epoch(self, epoch: int) -> None:
         """Before the epoch's first step (train mode, per-epoch draws)."""
@@ -268,8 +270,8 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
         task.begin_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         with progress.epoch(epoch + 1, ctx.steps):
-            for x, y in ctx.batches(epoch):
-                for key, value in task.step(x, y).items():
+            for batch in ctx.batches(epoch, indices=task.indexed):
+                for key, value in task.step(*batch).items():
                     sums[key] = sums[key] + value if key in sums else value.float()
                 progress.step()
         means = (dist.sum(torch.stack(list(sums.values()))) / (ctx.steps * dist.world)).tolist()
