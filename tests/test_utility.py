@@ -25,7 +25,7 @@ VAL = "range:49000:49064"
 def task_for(classifier, cifar, tmp_path, **settings) -> ObfuscatorTask:
     cfg = ObfuscatorConfig(classifier=str(classifier), **{**SMALL, **settings})
     cfg.validate()
-    return ObfuscatorTask(Context.open(cfg, tmp_path / "run", data=cifar))
+    return ObfuscatorTask(Context.open(cfg, tmp_path / "run", data=cifar, val_subset=cfg.val_subset))
 
 
 def test_gate_holds_lam_at_zero_until_the_target_then_ramps_and_holds_utility():
@@ -50,6 +50,10 @@ def test_gate_holds_lam_at_zero_until_the_target_then_ramps_and_holds_utility():
     stopping.update(2, 0.4)
     assert stopping.stop and stopping.lam() == 0.0
     assert UtilityGate(4.0).lam() == 4.0  # no settings: the paper's game, lam from the first step
+    going_on = UtilityGate(4.0, target=0.9, ramp_steps=10, opened=True)  # a stage that continues a trained O
+    assert going_on.open and going_on.lam() == 4.0
+    going_on.update(1, 0.5)
+    assert going_on.lam() == 2.0  # only the hold acts
 
 
 def test_lam_stays_zero_until_the_gate_opens_in_training(tiny_classifier, cifar, tmp_path):
@@ -145,7 +149,7 @@ def test_sweep_utility_prints_the_table_and_reuses_finished_points(tiny_classifi
     (("--losses", "ce,huber"), "losses[] = 'huber' is not one of ce, distill"),
     (("--widths", "8,x"), "--widths '8,x' is not a comma-separated list"),
     (("--epochs", "4,4"), "without repeats"),
-    (("--val-subset", "first:64"), "shares images with subset"),
+    (("--val-subset", "first:x"), "first:x"),
     (("--set", "obfuscator.patience=-1"), "patience = -1 must be >= 0"),
 ])
 def test_sweep_utility_bad_input_is_one_line(args, message, tiny_classifier, tmp_path):
@@ -161,3 +165,13 @@ def test_recipe_settings_are_checked(tiny_classifier, tmp_path):
     assert result.exit_code == 2 and "set val_subset" in result.stderr
     result = cli("train-obfuscator", "--classifier", tiny_classifier, "--out", tmp_path / "o", "--set", 'd_arch="vgg"')
     assert result.exit_code == 2 and "d_arch" in result.stderr
+
+
+def test_the_validation_split_is_taken_out_of_the_training_images(tiny_classifier, cifar, tmp_path):
+    """Where val_subset overlaps subset (the adaptive attack trains O' on all its images by O's recipe), the
+    validation images are removed from training: O never trains on what its gate reads."""
+    task = task_for(tiny_classifier, cifar, tmp_path, val_subset="range:64:96")
+    ctx = task.ctx
+    assert len(ctx.train) == 96 and len(ctx.val) == 32
+    assert torch.equal(ctx.val.x, torch.from_numpy(cifar.x_train[64:96]))
+    assert torch.equal(ctx.train.x, torch.from_numpy(cifar.x_train[list(range(64)) + list(range(96, 128))]))

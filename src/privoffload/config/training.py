@@ -134,7 +134,7 @@ class ObfuscatorConfig(TrainConfig):
     # the utility-first recipe (docs/method-decisions.md): utility first, privacy on top; every default is the plain game
     distill: float = 0.0  # weight of T^2 * KL(C(x) || C(O(x))) at temperature T, added to CE on the labels
     temperature: float = 4.0  # T of `distill`
-    val_subset: str = ""  # training images O never trains on, its validation split ("" = none): the gate and stopping read it
+    val_subset: str = ""  # training images held out of `subset` as O's validation split ("" = none): the gate and stopping read it
     patience: int = 0  # epochs without a better validation utility: at lam = 0 training stops, before the gate it opens
     utility_target: float = 0.0  # the gate: lam stays 0 until validation upload accuracy / C's clean accuracy reaches this,
     #                              and is halved whenever it falls below (0 = no gate: lam from the first step); a stage

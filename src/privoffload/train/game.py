@@ -153,7 +153,7 @@ def game_step(obf_net: nn.Module, deobf_net: nn.Module, readability: Callable, x
         raise ValueError("D must play (d_steps > 0) when lam > 0")
     with autocast(device, bf16):
         z = obf_net(xb).float()
-    loss_d = torch.tensor(float("nan"))
+    loss_d = torch.full((), float("nan"), device=xb.device)
     for _ in range(d_steps):  # 1. D's steps, on the upload as given: O(x) detached, so they cannot move O
         with autocast(device, bf16):
             loss_d = recon(deobf_net(z.detach()).float(), xb)

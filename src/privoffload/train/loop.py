@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import nets
 from ..config import OptimConfig, TrainConfig
-from ..data import Dataset, DeviceData, load_dataset, parse_size, select
+from ..data import Dataset, DeviceData, load_dataset, parse_size, select, subset_indices
 from ..errors import UserError
 from ..runs import RunDir
 from ..runtime import Dist, autocast, epoch_seed, init_dist, pick_device, rank_device, use_bf16
@@ -159,21 +160,29 @@ class Context:
 
     @classmethod
     def open(cls, cfg: TrainConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
-             data_root: str | Path | None = None, holdout: int = 0) -> "Context":
+             data_root: str | Path | None = None, holdout: int = 0, val_subset: str = "") -> "Context":
         """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs.
 
         `holdout` > 0 carves the last `holdout` images of the training subset into `val`, a validation split
-        that training never sees (early stopping reads it, never the test split)."""
+        that training never sees (early stopping reads it, never the test split); `val_subset` names the training
+        images of `val` instead, and those of them the training subset holds are taken out of it."""
         dev = rank_device(pick_device(device))
         dist = init_dist(dev)
         run = RunDir(out, dist)
         data = dataset_for(cfg, data, data_root)
-        x, y = select(data, cfg.subset, cfg.seed)
-        if holdout and not 0 < holdout < len(y):
-            raise UserError(f"a validation split of {holdout} images leaves none of the {len(y)} images of subset "
-                            f"{cfg.subset} to train on; lower val_images")
-        val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
-        train = DeviceData(x[:len(y) - holdout], y[:len(y) - holdout], dev)
+        if val_subset:
+            held = subset_indices(val_subset, len(data.y_train), cfg.seed)
+            kept = np.setdiff1d(subset_indices(cfg.subset, len(data.y_train), cfg.seed), held)
+            x, y = data.x_train[kept], data.y_train[kept]
+            val = DeviceData(data.x_train[held], data.y_train[held], dev)
+        else:
+            x, y = select(data, cfg.subset, cfg.seed)
+            if holdout and not 0 < holdout < len(y):
+                raise UserError(f"a validation split of {holdout} images leaves none of the {len(y)} images of subset "
+                                f"{cfg.subset} to train on; lower val_images")
+            val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
+            x, y = x[:len(y) - holdout], y[:len(y) - holdout]
+        train = DeviceData(x, y, dev)
         test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world
         steps = train.steps(batch, drop_last=True, world=dist.world)

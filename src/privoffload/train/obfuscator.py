@@ -23,25 +23,12 @@ import torch
 
 from .. import nets
 from ..config import ObfuscatorConfig
-from ..data import Dataset, DeviceData, select, subset_indices
-from ..errors import UserError
+from ..data import Dataset
 from ..metrics import accuracy, obfuscation_scores
 from ..runs import load_classifier, run_weights
 from ..runtime import epoch_seed, frozen
 from .game import Readability, UtilityGate, distillation, game_step, reconstruction_loss
 from .loop import Context, Task, check_input, fit
-
-
-def validation_split(ctx: Context) -> DeviceData | None:
-    """The training images of `val_subset`, which O never trains on (refused if they overlap `subset`)."""
-    cfg = ctx.cfg
-    if not cfg.val_subset:
-        return None
-    n = len(ctx.data.y_train)
-    if set(subset_indices(cfg.subset, n, cfg.seed)) & set(subset_indices(cfg.val_subset, n, cfg.seed)):
-        raise UserError(f"val_subset {cfg.val_subset} shares images with subset {cfg.subset}: give a validation split "
-                        f"O never trains on, e.g. range:48000:50000")
-    return DeviceData(*select(ctx.data, cfg.val_subset, cfg.seed), ctx.device)
 
 
 class ObfuscatorTask(Task):
@@ -50,7 +37,7 @@ class ObfuscatorTask(Task):
 
     def __init__(self, ctx: Context):
         self.ctx, cfg = ctx, ctx.cfg
-        self.val = validation_split(ctx)
+        self.val = ctx.val  # val_subset: training images O never trains on
         self.classifier = frozen(ctx.place(check_input(load_classifier(cfg.classifier), ctx.data, f"classifier {cfg.classifier}")))
         extras = [frozen(ctx.place(check_input(load_classifier(c), ctx.data, f"classifier {c}"))) for c in cfg.ensemble]
         self.readability = Readability(self.classifier, extras, cfg.ensemble_weight, cfg.ensemble_per_step,
@@ -132,11 +119,12 @@ class ObfuscatorTask(Task):
         ce, loss_d, loss_o, logits = game_step(self.obf_net, self.deobf_net, readability, x, target, self.opt_o,
                                                self.opt_d, lam=lam, recon=self.recon, device=ctx.device,
                                                bf16=ctx.bf16, d_steps=d_steps, recon_cap=self.recon_cap)
-        self.sched_d.step()
+        if d_steps:  # D's schedule advances with D's own steps
+            self.sched_d.step()
         self.sched_o.step()
         return {"train_classification_loss": ce, "train_reconstruction_loss": loss_d, "train_obfuscator_loss": loss_o,
                 "train_obfuscated_accuracy": (logits.argmax(1) == y).float().mean(),
-                "train_lam": torch.tensor(lam)}
+                "train_lam": torch.full((), lam, device=x.device)}
 
     def autoencoder_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """O alone learns to rebuild x: a start from which C already reads O(x) (the game's first epochs are spent
@@ -147,7 +135,6 @@ class ObfuscatorTask(Task):
         loss.backward()
         self.opt_o.step()
         self.sched_o.step()
-        self.sched_d.step()
         self.gate.lam()  # a step at lam 0
         return {"train_autoencoder_loss": loss.detach()}
 
@@ -199,5 +186,5 @@ class ObfuscatorTask(Task):
 def train_obfuscator(cfg: ObfuscatorConfig, out: str | Path, *, resume: bool = False, data: Dataset | None = None,
                      device: str = "auto", data_root: str | Path | None = None) -> Path:
     """Train (or resume) an obfuscator run in `out`; returns the path of O's weights."""
-    ctx = Context.open(cfg, out, data=data, device=device, data_root=data_root)
+    ctx = Context.open(cfg, out, data=data, device=device, data_root=data_root, val_subset=cfg.val_subset)
     return fit(ctx, ObfuscatorTask(ctx), resume=resume) / "obfuscator.safetensors"
