@@ -120,7 +120,8 @@ def test_distillation_reads_the_frozen_classifier_on_the_clean_image(tiny_classi
 
 
 SWEEP = ("--widths", "4", "--epochs", "2", "--subsets", "first:128", "--losses", "ce,distill", "--val-subset", VAL,
-         "--set", "obfuscator.batch_size=64", "--set", 'obfuscator.test_subset="random:64"')
+         "--set", "obfuscator.batch_size=64", "--set", 'obfuscator.test_subset="random:64"',
+         "--set", "obfuscator.autoencoder_epochs=1")
 
 
 def test_sweep_utility_prints_the_table_and_reuses_finished_points(tiny_classifier, tmp_path):
@@ -132,7 +133,9 @@ def test_sweep_utility_prints_the_table_and_reuses_finished_points(tiny_classifi
     for p in points:
         assert p["point"] in result.stdout and 0.0 <= p["utility"] and p["seconds"] > 0 and p["epochs"] <= 2
         assert not p["converged"]  # 2 epochs cannot show 2 epochs without improvement: flagged
-        assert all("val_utility" in r for r in records(out / p["point"]))  # scored on validation every epoch
+        first, second = records(out / p["point"])  # scored on validation every epoch, the autoencoder's too
+        assert "train_autoencoder_loss" in first and "train_classification_loss" in second
+        assert "val_utility" in first and "val_utility" in second
     assert result.stdout.count("not converged") == 2
     assert (out / "utility.png").read_bytes()[:4] == b"\x89PNG"
     logs = {p["point"]: (out / p["point"] / "metrics.jsonl").read_text() for p in points}

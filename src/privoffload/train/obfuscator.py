@@ -176,7 +176,7 @@ class ObfuscatorTask(Task):
             text = (f"ce {r['train_classification_loss']:.3f} recon {r['train_reconstruction_loss']:.4f} "
                     f"obf-train {r['train_obfuscated_accuracy']:.3f}")
         if "val_utility" in r:
-            text += f" val {r['val_utility']:.3f} of clean, lam {r['train_lam']:.2f}{'' if r['gate_open'] else ' (gate closed)'}"
+            text += f" val {r['val_utility']:.3f} of clean, lam {r.get('train_lam', 0.0):.2f}{'' if r['gate_open'] else ' (gate closed)'}"
         if "obfuscated_accuracy" in r:
             text += (f" obf {r['obfuscated_accuracy']:.4f} q8 {r['quantized_obfuscated_accuracy']:.4f}"
                      f" D {r['deobfuscator_psnr_db']:.2f} dB ssim {r['deobfuscator_ssim']:.3f}")
