@@ -22,7 +22,7 @@ TRAINERS = {  # kind -> (command line given the tiny classifier and obfuscator r
     "obfuscator": (lambda c, o: ["train-obfuscator", "--classifier", c, "--width", "4", "--lam", "1", *COMMON],
                    ["obfuscator", "deobfuscator"]),
     "attack": (lambda c, o: ["attack", "--obfuscator", o, "--arch", "codec", "--width", "4", *COMMON,
-                             "--set", "val_images=128", "--set", "patience=0"], ["attacker"]),
+                             "--set", "val_split=0.25", "--set", "patience=0"], ["attacker"]),
 }
 TIMING = ("time_s", "images_per_s", "eval_time_s", "val_time_s")
 

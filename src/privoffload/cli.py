@@ -137,7 +137,8 @@ def attack_cmd(
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
     kind: Annotated[str, typer.Option(help="decoder (trained on pairs) | inversion (white-box on O) | adaptive "
                                            "(own O' from O's recipe)")] = "decoder",
-    arch: Annotated[Optional[str], typer.Option(help="decoder: codec (Table I layout) | unet")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="decoder: unet | codec (Table I layout) | answer (from C's answer "
+                                                    "alone: the label-only decoder)")] = None,
     subset: Annotated[Optional[str], typer.Option(help="training images whose originals the attacker knows")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="decoder: epochs at most (early stopping may end sooner)")] = None,
     width: Annotated[Optional[int], typer.Option(help="decoder width")] = None,
@@ -151,8 +152,9 @@ def attack_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Attack an obfuscator, one run folder: a decoder trained to convergence on (O(x), x) training pairs, white-box
-    inversion of O for each test upload, or the adaptive attack (the attacker trains its own O' by O's recipe)."""
+    """Attack an obfuscator, one run folder: a decoder trained until validation stops improving on (upload, image)
+    training pairs (`--set answer=true`: it also reads C's answer), white-box inversion of O for each test upload, or
+    the adaptive attack (the attacker trains its own O' by O's recipe)."""
     from .config import AdaptiveConfig, AttackConfig, InversionConfig
 
     if kind not in KINDS:
@@ -203,7 +205,8 @@ def attack_suite_cmd(
     """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table
     (rerun to continue; finished attacks are reused)."""
     from .config import SuiteConfig
-    from .privacy.suite import run_suite, suite_rows
+    from .experiments.privacy_table import suite_table
+    from .privacy.suite import run_suite
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
     cfg = settings(SuiteConfig, config, set_, obfuscator=obfuscator, attacks=names, test_subset=test_subset)
@@ -212,7 +215,7 @@ def attack_suite_cmd(
     which = data_of(obfuscator, None, None)  # the attacked obfuscator's data set
     images = load_dataset(which["dataset"] or "cifar10", data, which["image_size"] or "")
     path = run_suite(cfg, out, device=device, data_root=data, data=images)
-    typer.echo("\n".join(suite_rows(json.loads(path.read_text()))))
+    typer.echo("\n".join(suite_table({"": json.loads(path.read_text())})))
     typer.echo(f"suite: {path}")
 
 

@@ -27,5 +27,5 @@ from .experiments import (PROFILES, EpsilonSweepConfig, LiveConfig, ProtocolConf
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
 from .training import (ATTACKS, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, DataConfig, IdentifyConfig,
-                       InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ProbeConfig, ResyncConfig, SuiteConfig,
+                       InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ResyncConfig, SuiteConfig,
                        TrainConfig)
