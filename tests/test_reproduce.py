@@ -56,11 +56,11 @@ def test_report_over_seeds_and_figures(smoke):
         summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
         assert f"### Attack suite on {label}" in report
         for summary in summaries:
-            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "no defence", "upload as image",
-                                            "decoder", "inversion", "decoder+inversion", "adaptive"}
-            assert f"{summary['strongest']} " in report.split(f"### Attack suite on {label}")[1]
-        psnr = estimate(s["rows"]["inversion"]["psnr_db"] for s in summaries).text()
-        assert f"| inversion | attack | {psnr} |" in report or f"| **inversion** | attack | {psnr} |" in report
+            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "label-only decoder", "no defence",
+                                            "upload as image", "decoder", "label-aware", "decoder+inversion", "adaptive"}
+            assert f"**{summary['strongest']}**" in report.split(f"### Attack suite on {label}")[1]
+        psnr = estimate(s["rows"]["decoder+inversion"]["psnr_db"] for s in summaries).text()
+        assert f"| decoder+inversion | attack | {psnr} |" in report or f"| **decoder+inversion** | attack | {psnr} |" in report
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 

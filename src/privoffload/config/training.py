@@ -177,7 +177,7 @@ class AttackConfig(TrainConfig):
     lr_cuts: int = 2  # rate cuts on a plateau before the next plateau stops training
     lr_factor: float = 0.3  # each cut multiplies the rate by this
     init: str = ""  # attack run whose decoder to start from ("" = random init); a label-aware U-Net may start from a plain one
-    extra_obfuscators: list[str] = field(default_factory=list)  # their uploads of the training images are more pairs
+    extra_obfuscators: list[str] = field(default_factory=list)  # training images take turns through O and these
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=2e-3, weight_decay=0.0,
                                                                    schedule="constant", warmup_epochs=0.0))
     ldp: LdpConfig = field(default_factory=LdpConfig)  # the uploads it learns from and is scored on carry this noise

@@ -5,8 +5,8 @@ recipe on its own images (training split only) with its own seed, against the sa
 it), and from the same starting weights when O was fine-tuned from a published obfuscator. O itself ships with
 every client, so O' is no stand-in for O: it is more of what O could have been, more pairs to learn from. The
 attacker continues its plain decoder (`decoder.init`, in the suite the suite's decoder; else one it trains first)
-on pairs from O and from O' alike, with the decoder's budget and stopping rule. Then it keeps whichever candidate
-scores best on the validation split of the real O's pairs:
+on its training images sent through O and O' in turn (every other image through O'), with the decoder's budget
+and stopping rule. Then it keeps whichever candidate scores best on the validation split of the real O's pairs:
 
     decoder      the plain decoder
     mixed        the plain decoder continued on O and O' pairs

@@ -31,7 +31,7 @@ from ..config import AttackConfig
 from ..data import Dataset, PairedData, quantize8
 from ..errors import UserError
 from ..metrics import pair_quality
-from ..runs import load_codec, run_weights
+from ..runs import load_codec, read_metrics, run_weights
 from ..runtime import epoch_seed
 from ..train.game import reconstruction_loss
 from ..train.loop import Context, Task, check_input, fit
@@ -92,7 +92,8 @@ def start_from(model: nn.Module, path: Path) -> None:
 
 def attack_pairs(ctx: Context, uploads: Path) -> Context:
     """`ctx` with its training, validation and test images paired with their cached uploads (and C's answers, for
-    a decoder that reads them); the training pairs also hold the uploads of `extra_obfuscators`."""
+    a decoder that reads them). With `extra_obfuscators`, the training images take turns: image i goes through
+    obfuscator i mod (1 + extras), the target first; validation and test pairs are always the target's."""
     cfg = ctx.cfg
 
     def cached(obfuscator: str, split: str, subset: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -101,15 +102,15 @@ def attack_pairs(ctx: Context, uploads: Path) -> Context:
 
     n_train = len(ctx.train)
     up, ans = cached(cfg.obfuscator, "train", cfg.subset)
-    cut = lambda a, s: None if a is None else a[s]  # noqa: E731
-    train = ctx.train.paired(up[:n_train], cut(ans, slice(None, n_train)))
-    for other in cfg.extra_obfuscators:  # the same images through another obfuscator: more training pairs
+    upload, answer = up[:n_train].copy(), None if ans is None else ans[:n_train].copy()
+    for k, other in enumerate(cfg.extra_obfuscators, 1):  # every (k+1)-th training image through another obfuscator
         o_up, o_ans = cached(other, "train", cfg.subset)
-        train = PairedData(torch.cat([train.x, ctx.train.x]), torch.cat([train.y, ctx.train.y]),
-                           torch.cat([train.upload, torch.from_numpy(o_up[:n_train]).to(ctx.device)]),
-                           None if ans is None else torch.cat([train.answer, torch.from_numpy(o_ans[:n_train]).to(ctx.device)]),
-                           ctx.device)
-    val = ctx.val.paired(up[n_train:], cut(ans, slice(n_train, None))) if ctx.val is not None else None
+        mine = slice(k, n_train, len(cfg.extra_obfuscators) + 1)
+        upload[mine] = o_up[mine]
+        if answer is not None:
+            answer[mine] = o_ans[mine]
+    train = ctx.train.paired(upload, answer)
+    val = ctx.val.paired(up[n_train:], None if ans is None else ans[n_train:]) if ctx.val is not None else None
     test = ctx.test.paired(*cached(cfg.obfuscator, "test", cfg.test_subset))
     torch.manual_seed(cfg.seed)  # building O and C for the cache drew from the generator: the decoder starts the same
     return dataclasses.replace(ctx, train=train, val=val, test=test,
@@ -137,8 +138,22 @@ class AttackTask(Task):
         self.opt, self.sched = ctx.optimizer(self.attacker.parameters(), cfg.optim)
         self.recon = reconstruction_loss(cfg.recon_loss)
         self.stopping = EarlyStopping(self.attacker, cfg.patience, cfg.min_delta, cfg.lr_cuts)
+        if cfg.init:
+            self.continue_schedule(Path(cfg.init))
         self.arch = nets.arch_of(self.attacker)
         self.parts = {"model": self.attacker, "optim": self.opt, "sched": self.sched, "early_stopping": self.stopping}
+
+    def continue_schedule(self, init: Path) -> None:
+        """A decoder continued from another attack's goes on where that one's schedule ended: at its last rate, with
+        the rate cuts it had left (so a continuation of a converged decoder stops after `patience` flat epochs)."""
+        last = next((r for r in reversed(read_metrics(init)) if "lr" in r), None)
+        if last is None:
+            return
+        lr = last["lr"] * (self.ctx.cfg.lr_factor if last.get("lr_cut") else 1.0)
+        self.sched.base_lrs = [lr for _ in self.sched.base_lrs]
+        for group in self.opt.param_groups:
+            group["lr"] = lr * group["lr"] / group["initial_lr"]
+        self.stopping.cuts_done = min(last.get("lr_cuts", 0), self.stopping.cuts)
 
     def begin_epoch(self, epoch: int) -> None:
         if epoch == 0 and self.ctx.cfg.init and self.ctx.val is not None:  # the starting point is a candidate too
@@ -172,13 +187,14 @@ class AttackTask(Task):
             return {"best_epoch": epoch, "steps": epoch * ctx.steps, "lr": lr, "converged": False}
         t0 = time.perf_counter()
         psnr, ssim = self.score(ctx.val, self.attacker)
-        if self.stopping.update(epoch, psnr, self.attacker):
+        cut = self.stopping.update(epoch, psnr, self.attacker)
+        if cut:
             factor = ctx.cfg.lr_factor
             self.sched.base_lrs = [b * factor for b in self.sched.base_lrs]
             for group in self.opt.param_groups:
                 group["lr"] *= factor
         return {"val_psnr_db": psnr, "val_ssim": ssim, "best_epoch": self.stopping.best_epoch,
-                "best_val_psnr_db": self.stopping.best, "steps": epoch * ctx.steps, "lr": lr,
+                "best_val_psnr_db": self.stopping.best, "steps": epoch * ctx.steps, "lr": lr, "lr_cut": cut,
                 "lr_cuts": self.stopping.cuts_done, "converged": self.converged(), "val_time_s": time.perf_counter() - t0}
 
     def converged(self) -> bool:

@@ -174,15 +174,16 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: D
     sets = {n: candidates(predicted, n, cfg.seed) for n in cfg.identify}
     walls = {"uploads": time.perf_counter() - t0}
 
-    def decoder_row(folder: Path, budget: int) -> tuple[torch.Tensor, dict, float]:
-        """A trained decoder's test reconstructions, its run's facts, and its PSNR on the choice images."""
+    def decoded(folder: Path) -> tuple[torch.Tensor, float]:
+        """A trained decoder's test reconstructions, and its PSNR on the choice images."""
         net = frozen(load_attacker(folder, dev))
         val_psnr = psnr_ssim(decode_all(net, images(choice.upload, dev), choice.answer), choice_x)[0].mean().item()
-        return decode_all(net, upload, answer), decoder_info(folder, budget), val_psnr
+        return decode_all(net, upload, answer), val_psnr
 
-    def trained(name: str) -> Callable[[], tuple[torch.Tensor, dict, float | None]]:
-        part = cfg.part(name if name != LABEL_ONLY else "label-only", str(out / "decoder"))
-        folder = out / (name if name != LABEL_ONLY else "label-only")
+    def run_row(name: str) -> Callable[[], tuple[torch.Tensor, dict, float | None]]:
+        """A trained or searched row: its run folder made (or reused), then (reconstructions, facts, choice PSNR)."""
+        key = "label-only" if name == LABEL_ONLY else name
+        part, folder = cfg.part(key, str(out / "decoder")), out / key
 
         def make():
             if name in ("label-aware", "adaptive", "decoder+inversion"):
@@ -192,9 +193,8 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: D
                 pick = chosen(folder)
                 facts = {"chosen": pick, **decoder_info(folder / "mixed", part.decoder.epochs)}
                 if pick == MEAN:
-                    val_psnr = psnr_ssim(mean.expand_as(choice_x), choice_x)[0].mean().item()
-                    return mean.expand_as(x), facts, val_psnr
-                rec, _, val_psnr = decoder_row(folder, part.decoder.epochs)
+                    return mean.expand_as(x), facts, psnr_ssim(mean.expand_as(choice_x), choice_x)[0].mean().item()
+                rec, val_psnr = decoded(folder)
                 return rec, facts, val_psnr
             if name in ("decoder+inversion", "inversion"):
                 run_inversion(part, folder, **kw)
@@ -205,7 +205,8 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: D
                     facts["start_converged"] = decoder_info(out / "decoder", decoder_cfg.epochs)["converged"]
                 return rec, facts, r["val_psnr_db"]
             train_attack(part, folder, **kw)
-            return decoder_row(folder, part.epochs)
+            rec, val_psnr = decoded(folder)
+            return rec, decoder_info(folder, part.epochs), val_psnr
 
         return make
 
@@ -214,14 +215,14 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: D
         "per-class mean image": ("reference", lambda: (class_means[torch.from_numpy(predicted)], {}, None)),
     }
     if cfg.label_only:
-        rows[LABEL_ONLY] = ("reference", trained(LABEL_ONLY))
+        rows[LABEL_ONLY] = ("reference", run_row(LABEL_ONLY))
     rows["no defence"] = ("reference", lambda: (x, {}, None))
     rows["upload as image"] = ("reference", lambda: (upload.cpu(), {}, None))
     if (Path(cfg.obfuscator) / "deobfuscator.safetensors").exists():
         rows["co-trained D"] = ("reference", lambda: (decode_all(frozen(load_codec(cfg.obfuscator, "deobfuscator", dev)),
                                                                  upload, answer), {}, None))
     for name in cfg.attacks:
-        rows[name] = ("attack", trained(name))
+        rows[name] = ("attack", run_row(name))
 
     (out / "rows").mkdir(exist_ok=True)
     scored, per_image = {}, {}
