@@ -40,7 +40,7 @@ from .uploads import cloud_view
 
 class EarlyStopping:
     """Validation decides when to stop: the best score so far, its epoch and weights. After `patience` epochs
-    without a gain of `min_delta`, the rate is cut (`cut` is then true once), at most `cuts` times; the plateau
+    without a gain of `min_delta`, the rate is cut (`update` returns True), at most `cuts` times; the plateau
     after the last cut stops training. Saved in checkpoints."""
 
     def __init__(self, model: nn.Module, patience: int, min_delta: float = 0.0, cuts: int = 0):

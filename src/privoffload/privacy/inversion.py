@@ -111,7 +111,8 @@ def tune(inv: Inversion, cfg: InversionConfig, bf16: bool) -> dict:
     psnr, ssim = psnr_ssim(start, inv.val_x)
     result = {"start": {"val_psnr_db": psnr.mean().item(), "val_ssim": ssim.mean().item()}, "settings": []}
     for lr, tv in itertools.product(cfg.lrs, cfg.tvs):
-        rec = invert(inv.obf, inv.val_upload, start, steps=cfg.steps, lr=lr, tv=tv, bf16=bf16)
+        rec = torch.cat([invert(inv.obf, u, s, steps=cfg.steps, lr=lr, tv=tv, bf16=bf16)
+                         for u, s in zip(inv.val_upload.split(cfg.batch_size), start.split(cfg.batch_size))])
         psnr, ssim = psnr_ssim(rec, inv.val_x)
         result["settings"].append({"lr": lr, "tv": tv, "val_psnr_db": psnr.mean().item(), "val_ssim": ssim.mean().item(),
                                    "val_change": (rec - start).abs().mean().item()})
