@@ -197,13 +197,14 @@ def attack_cmd(
 def attack_suite_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
-    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, inversion, decoder+inversion, "
-                                                        "adaptive")] = None,
+    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, label-aware, adaptive, "
+                                                        "decoder+inversion, inversion")] = None,
     test_subset: Annotated[Optional[str], typer.Option(help="the test images every row is scored on")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table
-    (rerun to continue; finished attacks are reused)."""
+    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table with,
+    per row, PSNR, SSIM, identifiability and convergence, and the leakage beyond the class (rerun to continue;
+    finished rows and the cached uploads are reused)."""
     from .config import SuiteConfig
     from .experiments.privacy_table import suite_table
     from .privacy.suite import run_suite
