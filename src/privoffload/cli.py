@@ -49,6 +49,16 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def defaults(cls: type) -> str:
+    """A command's settings where no option, --config or --set gives them: the end of its --help."""
+    import dataclasses
+
+    cfg = cls()
+    shown = [f"{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if not dataclasses.is_dataclass(getattr(cfg, f.name))]
+    return "Defaults (change them with an option, --config FILE.toml or --set key=value): " + "; ".join(shown) + "."
+
+
 def command(*args, **kwargs):
     """`@app.command` with the one-line error handling."""
 
@@ -59,7 +69,7 @@ def command(*args, **kwargs):
 
 
 # options the trainers share; a value left out keeps the config's (or the default's)
-SubsetOpt = Annotated[Optional[str], typer.Option(help="training images: all | first:N | random:N | range:A:B")]
+SubsetOpt = Annotated[Optional[str], typer.Option(help="training images: all | first:N | random:N | range:START:END")]
 EpochsOpt = Annotated[Optional[int], typer.Option()]
 BatchOpt = Annotated[Optional[int], typer.Option()]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips")]
@@ -84,7 +94,7 @@ def data_of(run: Path | None, dataset: str | None, image_size: str | None) -> di
     return {"dataset": dataset, "image_size": image_size}
 
 
-@command("train-classifier")
+@command("train-classifier", epilog=defaults(config_mod.ClassifierConfig))
 def train_classifier_cmd(
     out: OutOpt, subset: SubsetOpt = None, epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
@@ -103,7 +113,7 @@ def train_classifier_cmd(
     train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
-@command("train-obfuscator")
+@command("train-obfuscator", epilog=defaults(config_mod.ObfuscatorConfig))
 def train_obfuscator_cmd(
     out: OutOpt,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
@@ -131,7 +141,7 @@ def train_obfuscator_cmd(
 KINDS = ("decoder", "inversion", "adaptive")
 
 
-@command("attack")
+@command("attack", epilog="Decoder " + defaults(config_mod.AttackConfig))
 def attack_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
@@ -191,7 +201,7 @@ def attack_cmd(
         runner(cfg, out, resume=resume, device=device, data_root=data, data=images)
 
 
-@command("attack-suite")
+@command("attack-suite", epilog=defaults(config_mod.SuiteConfig))
 def attack_suite_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
@@ -216,7 +226,7 @@ def attack_suite_cmd(
     typer.echo(f"suite: {path}")
 
 
-@command("sweep-lambda")
+@command("sweep-lambda", epilog=defaults(config_mod.SweepConfig))
 def sweep_lambda_cmd(
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
     lams: Annotated[Optional[str], typer.Option("--lams", help="comma-separated lambdas, e.g. 0,0.5,1,2")] = None,
@@ -304,7 +314,7 @@ def samples_cmd(
 
 @command("evaluate")
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfuscator or attack run folder")],
-                 subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:A:B")] = "all",
+                 subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:START:END")] = "all",
                  seed: Annotated[int, typer.Option(help="seed of a random:N subset, and of the local-DP noise")] = 0,
                  ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
                  data: DataOpt = None, device: DeviceOpt = "auto",
@@ -412,19 +422,23 @@ def classify_cmd(
 def reproduce_cmd(
     out: Annotated[Path, typer.Option("--out", help="protocol folder (give the same command again to continue)")],
     profile: Annotated[str, typer.Option(help="smoke | quick | paper | auto (paper on CUDA, quick on a CPU)")] = "auto",
+    stages: Annotated[str, typer.Option(help="main (the paper's stages and the attack suite on the final obfuscator) | "
+                                             "all | groups paper, privacy, beyond | stage names, comma-separated")] = "main",
     seeds: Annotated[int, typer.Option(help="independent runs of the whole protocol; the report gives mean and 95 % CI")] = 1,
     jobs: Annotated[int, typer.Option(help="seeds run side by side on this machine, sharing its cores")] = 1,
     ray: Annotated[Optional[str], typer.Option(help="run the seeds as tasks on the Ray cluster at this address")] = None,
     dataset: DatasetOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md.
-    With --dataset, on that data set (profiles/PROFILE-DATASET.toml where there is one)."""
+    """Run the paper's protocol per seed (C0, O0, drift, recovery, the attack suite on the final obfuscator; more with
+    --stages), then its figures and report.md. With --dataset, on that data set (profiles/PROFILE-DATASET.toml where
+    there is one)."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
     from .live import hot_swap_stage
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_, dataset)
-    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device, after_stages=hot_swap_stage)
+    report = reproduce(cfg, out, stages=stages, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device,
+                       runners={"live": hot_swap_stage})
     typer.echo(f"report: {report}")
 
 

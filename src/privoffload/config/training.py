@@ -66,7 +66,7 @@ class TrainConfig(DataConfig):
 
     epochs: int = 1
     batch_size: int = 128
-    subset: str = "first:20000"  # training images: all | first:N | random:N | range:A:B
+    subset: str = "all"  # training images: all | first:N | random:N | range:A:B (the paper: first:20000, its profile)
     flip: bool = False  # random horizontal flips
     test_subset: str = "all"  # test images every score is computed on
     eval_every: int = 5  # epochs between test evaluations (the last epoch is always evaluated)
@@ -216,7 +216,7 @@ class InversionConfig:
 
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (its weights ship with every client)
     test_subset: str = "random:500"  # the uploads to invert
-    subset: str = "first:20000"  # training images whose mean is the starting point
+    subset: str = "all"  # training images whose mean is the starting point
     steps: int = 200  # Adam steps per image: the budget
     lr: float = 0.05
     tv: float = 0.01  # weight of the total-variation prior (mean absolute difference of neighbouring pixels)
@@ -248,7 +248,7 @@ class AdaptiveConfig:
     fine-tunes that decoder on pairs made with the real O; the better of the two on validation is the attack."""
 
     obfuscator: str = ""  # the target O's run folder (its config.toml is the recipe)
-    subset: str = "first:20000"  # the attacker's own training images (never the test split) for O'
+    subset: str = "all"  # the attacker's own training images (never the test split) for O'
     epochs: int = 0  # O's epochs (0 = the recipe's)
     seed: int = 1  # O's seed: the attacker does not know O's
     test_subset: str = "random:500"  # where O' and the decoders are scored (never trained on)
@@ -363,7 +363,7 @@ class ResyncConfig(DataConfig):
     held_out: float = 0.1  # black-box: share of each round's queries kept to measure the surrogate's agreement
     api_top_k: int = 0  # black-box: the API answers only its k most likely classes (0 = every probability)
     eval_every: int = 50  # steps between evaluations (in the protocol)
-    subset: str = "first:20000"  # in the protocol: the client's own labelled images
+    subset: str = "all"  # in the protocol: the client's own labelled images
     test_subset: str = "all"
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32
