@@ -17,7 +17,7 @@ from privoffload.experiments.protocol import load_profile, stage_configs
 from privoffload.experiments.stats import estimate
 from privoffload.runs import read_metrics
 
-from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
+from .helpers import assert_user_error, cli, free_port, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png",
            "fig9_robust_cost.png", "fig11_robust_drift.png")
@@ -25,6 +25,7 @@ STAGES = ("c0", "o0", "drift", "recovery", "scores", "privacy", "privacy-o0", "t
           "attack-o0", "attack-robust", "robust-drift", "whitebox", "blackbox", "remap", "live")
 SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "the final O (after recovery)"}
 SMOKE = ("reproduce", "--profile", "smoke", "--stages", "all", "--seeds", "2", "--jobs", "2")
+pytestmark = pytest.mark.slow  # the whole protocol, twice: tens of seconds (`make test` runs it; -m "not slow" skips)
 
 
 def stage_files(out):
@@ -112,10 +113,11 @@ def test_another_config_is_refused(smoke, tmp_path):
     out, _, _, _ = smoke
     done = run_cli(*SMOKE, "--out", out, "--set", "baseline_classifier.epochs=3", check=False)
     assert_user_error(done, "another protocol config")
-    assert_user_error(run_cli("reproduce", "--profile", "tiny", "--out", tmp_path, check=False), "not one of smoke, quick, paper")
-    assert_user_error(run_cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path, check=False), "at least 1")
-    assert_user_error(run_cli("plot", tmp_path / "none", check=False), "not a folder")
-    assert_user_error(run_cli("plot", tmp_path, check=False), "no seed folder")
+    assert_user_error(cli("reproduce", "--profile", "tiny", "--out", tmp_path), "not one of smoke, quick, paper")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path), "at least 1")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--stages", "c0,fig4", "--out", tmp_path), "'fig4' is not")
+    assert_user_error(cli("plot", tmp_path / "none"), "not a folder")
+    assert_user_error(cli("plot", tmp_path), "no seed folder")
 
 
 def test_stand_ins_must_not_see_the_drift_data(tmp_path):

@@ -333,13 +333,15 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfusca
 
 
 @command("download-data")
-def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to unpack into (then pass it as --data)")],
+def download_cmd(root: Annotated[Optional[Path], typer.Option("--root", help="folder to unpack into (default: the data "
+                                                                            "root, PRIVOFFLOAD_DATA or .cache/data, where "
+                                                                            "every command looks first)")] = None,
                  layout: Annotated[str, typer.Option(help="CIFAR-10's layout: bin | py")] = "bin",
                  dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | pneumoniamnist | orl")] = "cifar10"):
     """Download a data set's official files (needs internet), check the md5 where one is published, and unpack."""
-    from .data import download_dataset
+    from .data import default_root, download_dataset
 
-    typer.echo(f"wrote {download_dataset(dataset, root, layout)}")
+    typer.echo(f"wrote {download_dataset(dataset, root or default_root(), layout)}")
 
 # ---------------------------------------------------------------- the offload system: cloud and client
 
