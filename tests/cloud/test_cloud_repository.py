@@ -9,6 +9,7 @@ import resource
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -201,3 +202,28 @@ def test_a_file_whose_tensors_do_not_fit_its_bytes_is_refused_before_anything_is
     result = CliRunner().invoke(cli, ["publish", str(path), "--repo", str(tmp_path / "repo")])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 100  # MB: nothing was built
+
+
+def test_publish_under_a_strict_umask_and_after_a_killed_publish(tmp_path, weights):
+    """Under umask 077 every folder publish makes is still 0755 (a server running as another user reads it);
+    `..` is no model name; a `.publish-*` folder left by a publish that died an hour ago is removed, a fresh one
+    (a publish in progress) is not."""
+    old = os.umask(0o077)
+    try:
+        repo = Repository(tmp_path / "new" / "repo")
+        repo.publish(weights["c1"], MODEL)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "new", repo.root, repo.root / MODEL, repo.root / MODEL / "1"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    (tmp_path / "new" / "1").mkdir()  # a version-like folder one level above the repository
+    (tmp_path / "new" / "1" / MANIFEST).write_text("{}")
+    assert repo.versions("..") == [] and repo.names() == [MODEL]
+    with pytest.raises(UserError, match="model name"):
+        repo.manifest_text("..", 1)
+    stale, fresh = repo.root / MODEL / ".publish-dead", repo.root / MODEL / ".publish-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    repo.publish(weights["c2"], MODEL)
+    assert not stale.exists() and fresh.exists()
