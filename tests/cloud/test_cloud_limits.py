@@ -22,11 +22,12 @@ def wave(url: str, infer: str, body: bytes, headers: dict, clients: int = 8) -> 
     statuses, start = [], threading.Barrier(clients + 1)
 
     def post():
-        start.wait()
-        try:
-            statuses.append(httpx.post(infer, content=body, headers=headers, timeout=120).status_code)
-        except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
-            statuses.append(type(e).__name__)
+        with httpx.Client(timeout=120) as client:  # made before the start: making one holds the GIL for a while
+            start.wait()
+            try:
+                statuses.append(client.post(infer, content=body, headers=headers).status_code)
+            except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
+                statuses.append(type(e).__name__)
 
     threads = [threading.Thread(target=post) for _ in range(clients)]
     for t in threads:
@@ -55,20 +56,18 @@ def test_the_health_probe_stays_fast_while_maximal_json_bodies_are_parsed(tmp_pa
 
     The JSON loads: 8 bodies at the inference route's real limit (256 images, 4.8 MB: each held the event loop's
     GIL for about 100 ms when parsed in a thread, and pushed the probe to 200-500 ms), and 64 bodies just under
-    256 KiB (once parsed on the event loop itself: 1.3 s in all). Also 8 bodies of 16 MiB, refused on their
-    Content-Length. The server is the real command in its own process, as in production.
+    256 KiB (once parsed on the event loop itself: 1.3 s in all). The 90th percentile, because a stall hits the
+    probes sent while bodies are parsed, a minority of a wave that mostly waits for forward passes. The server is
+    the real command in its own process, as in production.
     """
     repo = make_repo(tmp_path / "repo", [weights["c1"]])
     maximal = json_pixels(256, b"255", b" , ")
     small = json_pixels(42, b"0", b",")
     assert 4.7e6 < len(maximal) <= 256 * 3072 * 6 + 64 * 1024 and 250 * 1024 < len(small) < 256 * 1024
-    refused = b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32], "data": [' \
-              + b"255, " * ((16 * 2**20 - 200) // 5 - 1) + b"255]}]}"
     binary_body, binary_headers = binary(np.full((256, 3, 32, 32), 255, np.uint8))
     headers = {**auth(), "Content-Type": "application/json"}
     loads = {"binary, 8 x 256 images (baseline)": (binary_body, binary_headers, 8),
-             "JSON, 8 x 4.8 MB": (maximal, headers, 8), "JSON, 64 x 255 KiB": (small, headers, 64),
-             "JSON, 8 x 16 MiB": (refused, headers, 8)}
+             "JSON, 8 x 4.8 MB": (maximal, headers, 8), "JSON, 64 x 255 KiB": (small, headers, 64)}
     with ServeProcess(repo.root, "--set", "threads=1", "--set", "log_level=warning", "--set", "max_queue_images=4096") as server:
         infer = f"{server.url}/v2/models/{MODEL}/infer"
         results = {name: [wave(server.url, infer, body, h, n) for _ in range(2)] for name, (body, h, n) in loads.items()}
@@ -78,11 +77,8 @@ def test_the_health_probe_stays_fast_while_maximal_json_bodies_are_parsed(tmp_pa
         statuses = [s for _, st in waves for s in st]
         p90[name] = float(np.percentile(latencies, 90))
         print(f"\nhealth probe under {name}: {len(latencies)} probes, median {statistics.median(latencies):.1f} ms, "
-              f"p75 {np.percentile(latencies, 75):.1f} p90 {np.percentile(latencies, 90):.1f} max {max(latencies):.1f} ms; answers {sorted(set(map(str, statuses)))}")
-        if "16 MiB" in name:
-            assert 200 not in statuses  # refused (413, or cut while sending)
-        else:
-            assert statuses == [200] * len(statuses), statuses
+              f"p90 {p90[name]:.1f} ms, max {max(latencies):.1f} ms")
+        assert statuses == [200] * len(statuses), statuses
     baseline = p90["binary, 8 x 256 images (baseline)"]
     for name in ("JSON, 8 x 4.8 MB", "JSON, 64 x 255 KiB"):
         assert p90[name] <= 4 * baseline, (name, p90[name], baseline)

@@ -54,6 +54,7 @@ from .telemetry import Metrics, Observe, event
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 INLINE_JSON_BYTES = 32 * 1024  # JSON up to this is parsed on the event loop (under a millisecond); more in a parser process
 SMALL_BODY = 4096  # index and load take a few parameters
+PARSER_NICE = 10  # parser processes yield the CPU to the event loop (and its health probes) and to the model
 HEALTH = ("/v2/health/live", "/v2/health/ready")
 CLOSE = {"Connection": "close"}
 Name = Annotated[str, Path(description="model name", examples=["cifar10-resnet18"])]
@@ -91,7 +92,8 @@ class Parser:
     """Parses large JSON inference bodies in `processes` other processes, one body each at a time. json.loads
     holds the GIL for the whole body (about 100 ms for 4.8 MB): in a thread of this process it would stall the
     event loop, health probes included, for as long. The processes start on the first large body (most clients
-    send binary tensors, whose JSON part is small) and import only numpy and cloud/tensors.py."""
+    send binary tensors, whose JSON part is small), import only numpy and cloud/tensors.py, and run at a lower
+    priority, so that on a busy CPU the event loop and the model come first."""
 
     def __init__(self, processes: int):
         self.processes = processes
@@ -101,7 +103,8 @@ class Parser:
     async def __call__(self, body: bytes, header_length: str | None, max_images: int, shape: tuple[int, int, int]):
         async with self.slots:
             if self.pool is None:
-                self.pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+                self.pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=tensors.parser_process, initargs=(PARSER_NICE,))
             try:
                 return await asyncio.get_running_loop().run_in_executor(
                     self.pool, tensors.parse_body, body, header_length, max_images, shape)
@@ -110,8 +113,9 @@ class Parser:
                 raise ApiError(503, "the request parser restarted; retry", {"Retry-After": "1"}) from None
 
     def close(self) -> None:
+        """Stop the parser processes and wait for them to exit (they also exit by themselves if this process dies)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
 
@@ -398,7 +402,7 @@ def create_app(cfg: ServeConfig, tokens: Tokens, plane: DataPlane | None = None)
               serve_weights=cfg.serve_weights)
         yield
         await app.state.plane.stop()
-        app.state.parser.close()
+        await asyncio.to_thread(app.state.parser.close)
 
     app = FastAPI(title="privoffload cloud", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Open Inference Protocol v2 service for the classifiers of a model "

@@ -8,6 +8,10 @@ names). Nothing here imports torch: large JSON bodies are parsed by `parse_body`
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
 
 from .. import oip
@@ -26,6 +30,20 @@ def metadata(classes: int, shape: tuple[int, int, int]) -> tuple[list[dict], lis
                {"name": "class", "datatype": "INT64", "shape": [-1]},
                {"name": "label", "datatype": "BYTES", "shape": [-1]}]
     return inputs, outputs
+
+
+def parser_process(nice: int) -> None:
+    """Set up a parser process: a lower priority than the server's, and an exit as soon as the server that started
+    it is gone, however it went (a parser must never outlive its server)."""
+    os.nice(nice)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def parse_body(body: bytes, header_length: str | None, max_images: int, shape: tuple[int, int, int]) -> Parsed:
