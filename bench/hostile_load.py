@@ -319,7 +319,8 @@ def main() -> None:
             with Server(src, repo) as server:
                 results[name]["burst"] = burst(server)
                 results[name]["headers"] = many_headers(server)
-                results[name]["abandoned"] = (abandoned(server.url), server.images_classified() - 1)
+                classified = server.images_classified()
+                results[name]["abandoned"] = (abandoned(server.url), server.images_classified() - classified - 1)
             results[name]["replicas"] = replicas(src, tmp / f"replicas-{name[:5]}", files)
 
         def answers(statuses):

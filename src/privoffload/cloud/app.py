@@ -397,7 +397,7 @@ def create_app(cfg: ServeConfig, tokens: Tokens, plane: DataPlane | None = None)
         if app.state.plane is None:
             app.state.plane = await asyncio.to_thread(DataPlane.open, Repository(cfg.repo), pick_device(cfg.device), metrics_)
         app.state.plane.start(cfg)
-        event("serving", models={n: m.version for n, m in app.state.plane.current.items()},
+        event("serving", models={e["name"]: int(e["version"]) for e in app.state.plane.index(ready_only=True)},
               batch_window_ms=cfg.batch_window_ms, auth=tokens.enabled, tls=bool(cfg.ssl_certfile),
               serve_weights=cfg.serve_weights)
         yield
