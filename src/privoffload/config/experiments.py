@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .loader import choice, subset
+from .loader import choice, positive, subset
 from .training import (AttackConfig, ClassifierConfig, DataConfig, IdentifyConfig, LdpConfig, ObfuscatorConfig,
                        OptimConfig, ResyncConfig, SuiteConfig)
 
