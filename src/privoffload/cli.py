@@ -375,15 +375,32 @@ def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folde
                 name: Annotated[Optional[str], typer.Option(help="model name (default: DATASET-resnet18)")] = None,
                 signing_key: Annotated[Optional[Path], typer.Option(
                     "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
-    """Add a trained classifier to the repository as the next version (atomically)."""
+    """Add a trained classifier to the repository as the next version (atomically). Publishing serves nothing:
+    an admin load makes a version the served one, on every replica (docs/service.md)."""
     from . import nets
     from .cloud.repository import Repository
+    from .config import model_name
 
     weights = run / "classifier.safetensors" if run.is_dir() else run
-    name = name or f"{nets.read_metadata(weights).get('dataset', 'cifar10').split(':')[0]}-resnet18"
+    if run.is_dir() and not weights.exists() and (run / "obfuscator.safetensors").exists():
+        raise UserError(f"{run} is an obfuscator run, and publish takes a classifier run (the cloud serves the "
+                        f"classifier; the obfuscator stays on the device): publish the classifier it was trained "
+                        f"against ({_trained_against(run)}), and give {run} to clients as `classify --obfuscator`")
+    name = name or model_name(nets.read_metadata(weights).get("dataset", "cifar10"))
     m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
     typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
-               f"{', signed' if signing_key else ''})")
+               f"{', signed' if signing_key else ''}); not served until loaded: POST /v2/repository/models/{m.name}/load "
+               f'with {{"parameters": {{"version": "{m.version}"}}}} on each replica')
+
+
+def _trained_against(run: Path) -> str:
+    """The classifier run an obfuscator run names in its config.toml, for a hint."""
+    try:
+        from .config import ObfuscatorConfig
+
+        return f"`privoffload publish {config_mod.load(ObfuscatorConfig, run / 'config.toml').classifier} --repo ...`"
+    except UserError:
+        return "its config.toml names it"
 
 
 @command("classify")
@@ -391,12 +408,15 @@ def classify_cmd(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files")],
     server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. https://cloud.example:8000")],
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder or .safetensors file")],
-    model: Annotated[str, typer.Option(help="model name on the server")] = "cifar10-resnet18",
+    model: Annotated[Optional[str], typer.Option(help="model name on the server (default: the one the obfuscator's "
+                                                     "data set is published under, DATASET-resnet18)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 30.0,
     ca_cert: Annotated[Optional[Path], typer.Option("--ca-cert", help="CA certificate (PEM) that signed the "
                                                                      "server's, e.g. a self-signed one")] = None,
     allow_http: Annotated[bool, typer.Option("--allow-http", help="send the token over plain http to another "
                                                                   "machine (trusted networks only)")] = False,
+    proxy: Annotated[Optional[str], typer.Option("--proxy", help="HTTP(S) proxy URL to go through (HTTP_PROXY and "
+                                                                 "the like are ignored)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
 ):
@@ -408,7 +428,7 @@ def classify_cmd(
     from .client import Client
 
     with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
-                ca_cert=ca_cert, allow_http=allow_http, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
+                ca_cert=ca_cert, allow_http=allow_http, proxy=proxy, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
                 ldp_clip=ldp_clip) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}

@@ -16,6 +16,7 @@ import torch
 from .. import nets
 from ..data import to_pixels
 from ..errors import UserError
+from ..runs import run_dataset
 
 Obfuscate = Callable[[np.ndarray], np.ndarray]
 WEIGHTS = "obfuscator.safetensors"
@@ -30,6 +31,16 @@ def obfuscator_path(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass an obfuscator run folder or its {WEIGHTS}")
     return path
+
+
+def dataset_of(path: str | Path) -> str:
+    """The data set an obfuscator was trained for: its file's `dataset` metadata, else its run folder's
+    config.toml; CIFAR-10 for a lone file from before data sets were recorded."""
+    path = obfuscator_path(path)
+    meta = nets.read_metadata(path)
+    if meta.get("dataset"):
+        return meta["dataset"]
+    return run_dataset(path.parent)[0] if (path.parent / "config.toml").is_file() else "cifar10"
 
 
 def shape_of(obfuscate: Obfuscate) -> tuple[int, int, int]:
