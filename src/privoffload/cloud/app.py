@@ -36,7 +36,7 @@ from .. import __version__, oip
 from ..config import ServeConfig
 from ..errors import UserError
 from ..runtime import pick_device
-from . import schemas, tensors
+from . import schemas, tensors, web
 from .auth import Tokens, admin_access, inference_access, metrics_access
 from .batching import Overloaded, VersionGone
 from .repository import LoadedModel, Manifest, Repository, parse_version
@@ -198,7 +198,8 @@ models = APIRouter(tags=["models"], dependencies=[Depends(inference_access)], re
 def model_metadata(m: Manifest, name: str, version: int) -> dict:
     """A manifest's tensors: its input shape and class count."""
     inputs, outputs = tensors.metadata(len(m.classes), m.shape)
-    return {"name": name, "versions": [str(version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs}
+    return {"name": name, "versions": [str(version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs,
+            "parameters": {"classes": list(m.classes)}}
 
 
 @models.get("/v2/models/{name}", response_model=schemas.ModelMetadata)
@@ -396,6 +397,8 @@ def create_app(cfg: ServeConfig, tokens: Tokens, store: ModelStore | None = None
     app.state.parsing = asyncio.Semaphore(1)
     for router in (health, server, models, repository, metrics_router):
         app.include_router(router)
+    if cfg.web:  # the browser client (cloud/web.py)
+        app.include_router(web.router(cfg.web))
     app.add_middleware(Observe, metrics=metrics_)
     if not tokens.enabled:  # no token stands between a browser page and this port: refuse other Host names (DNS rebinding)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.allowed_hosts or ["localhost", "127.0.0.1", cfg.host])
