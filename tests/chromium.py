@@ -16,6 +16,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -51,18 +52,19 @@ class Chromium:
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         to_browser_r, self.to_browser = os.pipe()
         self.from_browser, from_browser_w = os.pipe()
-
-        def pipes():  # in the child: the protocol's fds 3 (commands in) and 4 (answers out)
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]  # neither is lost
-            os.dup2(high[0], 3)
-            os.dup2(high[1], 4)
-
+        # the protocol's pipes must be the child's fds 3 (commands in) and 4 (answers out): bash moves them there
+        # from fds above any it could clobber (sh may not redirect fds above 9; preexec_fn is unsafe with threads)
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_browser_r, from_browser_w)]
+        for fd in (to_browser_r, from_browser_w):
+            os.close(fd)
+        move = f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]} {ends[0]}<&- {ends[1]}>&-'
         self.proc = subprocess.Popen(
-            [self.executable, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={self.size[0]},{self.size[1]}",
-             "about:blank"], preexec_fn=pipes, pass_fds=(3, 4), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+            [shutil.which("bash") or "/bin/bash", "-c", move, self.executable, *FLAGS,
+             f"--user-data-dir={self.profile}", f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
+            pass_fds=ends, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        for fd in ends:
+            os.close(fd)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,8 +74,8 @@ class Chromium:
             pass
         try:
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except subprocess.TimeoutExpired:  # it and the processes it started (its own session)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         os.close(self.to_browser)
         os.close(self.from_browser)

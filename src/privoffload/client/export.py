@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +54,9 @@ TOLERANCE = 1e-4  # largest difference allowed from PyTorch at export (one 8-bit
 def need(module: str, fmt: str, purpose: str = "exporting to"):
     """Import an optional package, or fail in one line that says what to install."""
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():  # these packages warn about their own experimental APIs on import
+            warnings.simplefilter("ignore")
+            return importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{purpose} {fmt} needs {module.split('.')[0]} ({str(e)[:60]}); run: {INSTALL[fmt]}") from None
 
@@ -165,7 +168,8 @@ def _write_executorch(net: nn.Module, path: Path, meta: dict[str, str]) -> None:
     program = torch.export.export(net, example(net), dynamic_shapes=batch_dim())
     # Lowering re-traces the graph; the convolution's shape rules there ask whether the batch is below 16 and,
     # with the example's 2 as the hint, would cap the batch at 15. Size-oblivious reasoning keeps 1..max_batch.
-    with shapes.patch(backed_size_oblivious=True):
+    with shapes.patch(backed_size_oblivious=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecations inside the lowering, not ours to act on
         edge = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
         path.write_bytes(edge.to_executorch().buffer)
 
@@ -173,7 +177,9 @@ def _write_executorch(net: nn.Module, path: Path, meta: dict[str, str]) -> None:
 def _write_tflite(net: nn.Module, path: Path, meta: dict[str, str]) -> None:
     litert = need("litert_torch", "tflite")
     # the upper bound only bounds the conversion's shape reasoning: LiteRT resizes the input to any batch
-    litert.convert(net, example(net), dynamic_shapes=batch_dim(1024)).export(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        litert.convert(net, example(net), dynamic_shapes=batch_dim(1024)).export(str(path))
 
 
 # ---------------------------------------------------------------- runners
