@@ -196,7 +196,7 @@ models = APIRouter(tags=["models"], dependencies=[Depends(inference_access)], re
 
 
 def model_metadata(m: Manifest, name: str, version: int) -> dict:
-    """A manifest's tensors: its input shape and class count."""
+    """A manifest's tensors: its input shape and classes (their names in `parameters`)."""
     inputs, outputs = tensors.metadata(len(m.classes), m.shape)
     return {"name": name, "versions": [str(version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs,
             "parameters": {"classes": list(m.classes)}}
