@@ -140,7 +140,7 @@ def main() -> None:
         folder = Path(tmp)
         run = args.obfuscator or seeded_codec(folder, args.width)
         classifier = args.classifier or (classifier_of(run) if args.obfuscator else None)
-        print(f"# obfuscator {run}; classifier {classifier}")
+        print(f"# obfuscator {args.obfuscator or f'a seeded Table I codec, width {args.width}'}; classifier {classifier}")
         web = folder / "web"
         web.mkdir()
         runners = {}
