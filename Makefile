@@ -27,7 +27,8 @@ bench: $(VENV)
 web: $(WEB)
 $(WEB): web/package.json web/package-lock.json
 	@command -v npm >/dev/null || { echo "npm is missing: install Node.js (apt-get install -y npm) for the browser client"; exit 1; }
-	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error || \
+	  { sleep 5; npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error; }
 	mkdir -p $(ORT)
 	cp web/node_modules/onnxruntime-web/dist/ort.wasm.bundle.min.mjs \
 	   web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm $(ORT)/
