@@ -78,10 +78,10 @@ def one_line_error(result, *words: str) -> None:
 
 
 def test_export_from_the_command_line(obfuscator_run, tmp_path):
-    out = tmp_path / "o.onnx"
+    out = tmp_path / "site" / "o.onnx"  # the folder is made
     result = cli("export", obfuscator_run, "--format", "onnx", "--out", out)
     assert result.exit_code == 0 and f"wrote {out} (onnx: obfuscator codec width 4, images 3x32x32" in result.output
-    assert out.is_file() and (tmp_path / "o.onnx.json").is_file()
+    assert out.is_file() and (tmp_path / "site" / "o.onnx.json").is_file()
 
 
 def test_bad_exports_are_one_line_errors(obfuscator_run, tiny_classifier, tmp_path):
@@ -91,9 +91,10 @@ def test_bad_exports_are_one_line_errors(obfuscator_run, tiny_classifier, tmp_pa
                    "neither obfuscator.safetensors nor attacker.safetensors")
     one_line_error(cli("export", tiny_classifier / "classifier.safetensors", "--format", "onnx",
                        "--out", tmp_path / "c.onnx"), "classifier", "runs in the cloud")
-    one_line_error(cli("export", obfuscator_run, "--format", "onnx", "--out", tmp_path / "no" / "o.onnx"),
-                   "does not exist")
-    assert not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    one_line_error(cli("export", obfuscator_run, "--format", "onnx", "--out", tmp_path / "file" / "o.onnx"),
+                   "cannot write")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 def test_a_missing_runtime_says_what_to_install(obfuscator_run, tmp_path, monkeypatch):

@@ -102,13 +102,15 @@ def export(source: str | Path, fmt: str, out: str | Path) -> dict[str, str]:
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: the folder {out.parent} does not exist")
     weights, kind = weights_of(source)
     net = load_network(weights)
     meta = describe(weights, kind, net, fmt)
     write = {"onnx": _write_onnx, "executorch": _write_executorch, "tflite": _write_tflite}[fmt]
     started = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror})") from None
     with atomic_path(out) as tmp:
         write(net, tmp, meta)
     atomic_write_text(sidecar(out), json.dumps(meta, indent=1) + "\n")
