@@ -123,8 +123,10 @@ def export(source: str | Path, fmt: str, out: str | Path) -> dict[str, str]:
     with torch.inference_mode():
         diff = float(np.abs(run(x.numpy()) - net(x).numpy()).max())
     if not diff <= TOLERANCE:
+        out.unlink()
+        sidecar(out).unlink()
         raise UserError(f"the {fmt} file computes another function than the network ({diff:.2g} apart on random "
-                        f"images); {out} is not usable")
+                        f"images); nothing written")
     return {**report, "max_abs_diff": f"{diff:.1e}"}
 
 
