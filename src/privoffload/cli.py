@@ -356,6 +356,8 @@ def serve_cmd(
     no_auth: Annotated[Optional[bool], typer.Option("--no-auth", help="no tokens (trusted networks only)")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="PEM certificate: serve https")] = None,
     ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="PEM private key of the certificate")] = None,
+    web: Annotated[Optional[Path], typer.Option("--web", help="serve the browser client at /web/ with the files of "
+                                                              "this folder: obfuscator.onnx [, attack.onnx]")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, device: Annotated[Optional[str], typer.Option("--device")] = None,
 ):
     """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN,
@@ -365,7 +367,7 @@ def serve_cmd(
 
     cfg = settings(ServeConfig, config, set_, repo=repo, host=host, port=port, batch_window_ms=batch_window_ms,
                    serve_weights=serve_weights, no_auth=no_auth, device=device, ssl_certfile=ssl_certfile,
-                   ssl_keyfile=ssl_keyfile)
+                   ssl_keyfile=ssl_keyfile, web=web)
     serve(cfg)
 
 
@@ -438,6 +440,24 @@ def classify_cmd(
     else:
         for r in rows:
             typer.echo(f"{r['file']}\t{r['label']}\t{r['probability']:.3f}\tversion {r['model_version']}")
+
+
+@command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="an obfuscator run folder (or an attack run, for the browser demo), "
+                                             "or its .safetensors file")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime, the browser) | executorch (.pte, XNNPACK) "
+                                                      "| tflite (LiteRT)")],
+    out: Annotated[Path, typer.Option("--out", help="file to write; FILE.json beside it says what it takes")],
+):
+    """Write the obfuscator as a file that a phone or browser runtime loads; it records the image shape and the
+    weights' sha256. executorch and tflite need extras (`make edge`)."""
+    from .client.export import export
+
+    m = export(run, fmt, out)
+    checked = f", {m['max_abs_diff']} from PyTorch" if "max_abs_diff" in m else ", not run: no runtime here"
+    typer.echo(f"wrote {out} ({m['format']}: {m['kind']} {m['arch']} width {m['width']}, images {m['image']}, "
+               f"{int(m['bytes']):,} bytes, {m['seconds']} s{checked}; sha256 {m['sha256'][:16]}...)")
 
 
 @command("reproduce")

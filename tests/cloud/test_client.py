@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ..helpers import free_port
-from .cloud_helpers import ADMIN, MODEL, TOKEN, LiveServer, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, LiveServer, Recorder, auth, make_repo, serve
 from privoffload import nets, oip
 from privoffload.cli import app as cli
 from privoffload.client import (AuthError, BadServer, Client, RequestRejected, ServerUnavailable, load_obfuscator,
@@ -60,26 +60,6 @@ def test_accuracy_over_http_equals_offline_evaluation(tmp_path, weights, cifar):
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-4)
 
 
-class Recorder:
-    """ASGI middleware that keeps every request body the server receives, as the server receives it."""
-
-    def __init__(self, app, bodies: list):
-        self.app, self.bodies = app, bodies
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        chunks = []
-
-        async def recording():
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            return message
-
-        await self.app(scope, recording, send)
-        self.bodies.append((dict((k.decode(), v.decode()) for k, v in scope["headers"]), b"".join(chunks)))
-
-
 @pytest.mark.parametrize("binary", [True, False])
 def test_raw_images_never_leave_the_client(repo, weights, cifar, binary):
     x = cifar.x_test[:8]
@@ -88,7 +68,7 @@ def test_raw_images_never_leave_the_client(repo, weights, cifar, binary):
     server.app.add_middleware(Recorder, bodies=bodies)
     with server, Client(server.url, weights["obfuscator"], token=TOKEN, binary=binary) as client:
         client.classify(x)
-    (headers, body), = bodies
+    (_, headers, body), = bodies
     head, tail = oip.split_body(body, headers.get(oip.HEADER_LENGTH.lower()))
     (spec,) = head["inputs"]
     received, _ = oip.read_tensor(spec, tail, 0)

@@ -70,8 +70,13 @@ def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256
 
     On a CPU it runs through `client.fast` (BatchNorm folded, ONNX Runtime where installed: about
     3x faster for one image and 16x for batches than eager PyTorch, see BENCHMARKS.md);
-    `backend="eager"` keeps plain PyTorch.
+    `backend="eager"` keeps plain PyTorch. A file written by `privoffload export` (.onnx, .pte, .tflite) runs in
+    its own runtime, as on the phone (`client.export.load`).
     """
+    from .export import EXPORTED, load
+
+    if Path(path).suffix in EXPORTED:
+        return load(path)
     net = nets.load(obfuscator_path(path), expect="codec", device=device).eval()
     shape = nets.image_shape(net)
     run = net

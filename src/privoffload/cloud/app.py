@@ -43,7 +43,7 @@ from .. import __version__, oip
 from ..config import ServeConfig
 from ..errors import UserError
 from ..runtime import pick_device
-from . import schemas, tensors
+from . import schemas, tensors, web
 from .auth import Tokens, admin_access, inference_access, metrics_access
 from .batching import Overloaded, VersionGone
 from .dataplane import DataPlane, NotFound
@@ -411,6 +411,8 @@ def create_app(cfg: ServeConfig, tokens: Tokens, plane: DataPlane | None = None)
     app.state.parser = Parser(cfg.parse_processes)
     for router in (health, server, models, repository, metrics_router):
         app.include_router(router)
+    if cfg.web:  # the browser client (cloud/web.py)
+        app.include_router(web.router(cfg.web))
     app.add_middleware(Admission, limit=cfg.max_requests, wait_s=cfg.request_wait_s)
     app.add_middleware(Observe, metrics=metrics_)
     if not tokens.enabled:  # no token stands between a browser page and this port: refuse other Host names (DNS rebinding)

@@ -200,7 +200,8 @@ class DataPlane:
         else:
             m = self.repo.manifest(name, self.version(name, version))
         inputs, outputs = tensors.metadata(len(m.classes), m.shape)
-        return {"name": name, "versions": [str(m.version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs}
+        return {"name": name, "versions": [str(m.version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs,
+                "parameters": {"classes": list(m.classes)}}  # the class names, in the order of `probabilities`
 
     def model_ready(self, name: str, version: str | None = None) -> dict:
         model = self.serving(name) if version is None else self.choose(name, version).model

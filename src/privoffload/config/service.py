@@ -41,6 +41,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # and the request's body within this (408)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     allowed_hosts: list[str] = field(default_factory=list)  # Host headers accepted with no_auth ([] = loopback names)
+    web: str = ""  # folder of the browser client's exported models (obfuscator.onnx, attack.onnx): served at /web/
 
     def validate(self) -> None:
         for name in ("max_batch_images", "max_request_images", "max_body_mb", "max_queue_images", "queue_timeout_s",
