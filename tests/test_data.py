@@ -11,7 +11,7 @@ from privoffload import data as data_mod
 from privoffload.data import DeviceData, load_cifar10, parse_subset, select, subset_indices
 from privoffload.errors import UserError
 
-from .helpers import assert_user_error, run_cli
+from .helpers import assert_user_error, cli
 
 PER_FILE = 60  # records per batch file in the small layouts written below
 
@@ -61,7 +61,7 @@ def test_truncated_file_is_a_clear_error(cifar, tmp_path):
     g.write_bytes(g.read_bytes()[:500])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_cifar10(py_root)
-    done = run_cli("train-classifier", "--out", tmp_path / "r", "--data", bin_root, "--epochs", "1", check=False)
+    done = cli("train-classifier", "--out", tmp_path / "r", "--data", bin_root, "--epochs", "1")
     assert_user_error(done, "data_batch_3.bin is truncated")
 
 
@@ -79,7 +79,7 @@ def test_missing_data_and_wrong_layout(cifar, tmp_path):
             pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
     with pytest.raises(UserError, match="does not hold CIFAR-10 records"):
         load_cifar10(tmp_path / "wrong")
-    done = run_cli("train-classifier", "--out", tmp_path / "r", "--data", tmp_path / "nothing", "--epochs", "1", check=False)
+    done = cli("train-classifier", "--out", tmp_path / "r", "--data", tmp_path / "nothing", "--epochs", "1")
     assert_user_error(done, "no CIFAR-10")
 
 

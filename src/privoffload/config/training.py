@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import UserError
 from .loader import choice, positive, subset
@@ -66,7 +67,7 @@ class TrainConfig(DataConfig):
 
     epochs: int = 1
     batch_size: int = 128
-    subset: str = "first:20000"  # training images: all | first:N | random:N | range:A:B
+    subset: str = "all"  # training images: all | first:N | random:N | range:A:B (the paper: first:20000, its profile)
     flip: bool = False  # random horizontal flips
     test_subset: str = "all"  # test images every score is computed on
     eval_every: int = 5  # epochs between test evaluations (the last epoch is always evaluated)
@@ -165,7 +166,7 @@ class AttackConfig(TrainConfig):
     not converge, and every table says so."""
 
     epochs: int = 60  # the budget: at most this many passes over the training pairs
-    subset: str = "first:20000"  # the training images whose originals the attacker knows
+    subset: str = "all"  # the training images whose originals the attacker knows (the last val_split validate)
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
     arch: str = "unet"  # unet (skip connections) | codec (the Table I layout) | answer (from C's answer alone)
     width: int = 32
@@ -246,7 +247,7 @@ class InversionConfig:
 
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (its weights ship with every client)
     test_subset: str = "random:2000"  # the uploads to invert
-    subset: str = "first:20000"  # training images: their mean is the "mean" start; the last val_images tune the search
+    subset: str = "all"  # training images: their mean is the "mean" start; the last val_images tune the search
     val_images: int = 256
     steps: int = 100  # Adam steps per image: the budget
     lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03])  # rates tried on the validation images
@@ -285,7 +286,7 @@ class AdaptiveConfig:
     that decoder, the plain decoder and the mean image scores best on the real O's validation split."""
 
     obfuscator: str = ""  # the target O's run folder (its config.toml is the recipe)
-    subset: str = "first:20000"  # the attacker's own training images (never the test split) for O'
+    subset: str = "all"  # the attacker's own training images (never the test split) for O'
     epochs: int = 0  # O''s epochs (0 = the recipe's)
     seed: int = 1  # O''s seed: the attacker does not know O's
     test_subset: str = "random:2000"  # where O' and the decoders are scored (never trained on)
@@ -382,7 +383,7 @@ class ResyncConfig(DataConfig):
     held_out: float = 0.1  # black-box: share of each round's queries kept to measure the surrogate's agreement
     api_top_k: int = 0  # black-box: the API answers only its k most likely classes (0 = every probability)
     eval_every: int = 50  # steps between evaluations (in the protocol)
-    subset: str = "first:20000"  # in the protocol: the client's own labelled images
+    subset: str = "all"  # in the protocol: the client's own labelled images
     test_subset: str = "all"
     seed: int = 0
     precision: str = "auto"  # auto | bf16 | fp32

@@ -39,6 +39,9 @@ class Dataset:
     name: str = "cifar10"  # the `dataset` setting that loads it (cifar10, pneumoniamnist, orl, folder:PATH)
     stats: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        self.source = portable(self.source)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of every image."""
@@ -84,6 +87,16 @@ def shared_data() -> Path | None:
     shared = os.environ.get("PRIVOFFLOAD_SHARED")
     candidates = [Path(shared)] if shared else [project_root().parent / "shared", Path.cwd().parent / "shared"]
     return next((c / "data" for c in candidates if (c / "data").is_dir()), None)
+
+
+def portable(text: str) -> str:
+    """A data source as reports show it: paths in the checkout relative to it, the shared folder as `shared/`, the
+    home folder as `~`, so that a report does not carry one machine's absolute paths."""
+    shared = shared_data()
+    for prefix, short in ((project_root(), ""), (shared.parent if shared else None, "shared/"), (Path.home(), "~/")):
+        if prefix is not None:
+            text = text.replace(f"{prefix}/", short)
+    return text
 
 
 def fetch(url: str, md5: str | None, dest: Path, hint: str) -> Path:

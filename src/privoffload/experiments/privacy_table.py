@@ -16,7 +16,6 @@ from typing import Any
 from .stats import Estimate, estimate, verdict
 from .sweep import TARGET
 
-SUITES = (("privacy-o0", "O0 (baseline)"), ("privacy", "O (after recovery)"))
 
 
 def _per_seed(rows: list[dict], key: str, ci: str | None) -> tuple[list[float | None], float | None]:
@@ -142,19 +141,3 @@ def suite_table(summaries: dict[str, dict]) -> list[str]:
                       f"{verdict(ssim, TARGET['ssim'], at_least=False)}){caveat}."]
     return lines
 
-
-def privacy_lines(seeds: list[dict[str, Any]], names: list[str]) -> list[str]:
-    """Markdown for every attack suite that has finished in some seed (nothing where none has)."""
-    lines = []
-    for stage, label in SUITES:
-        summaries = {name: s["suites"][stage] for name, s in zip(names, seeds) if stage in s.get("suites", {})}
-        if summaries:
-            lines += ["", f"### Attack suite on {label}", ""] + suite_table(summaries)
-    if lines:
-        lines = ["", "The co-trained D's PSNR is no privacy figure: O can push D's output below a guess while a fresh "
-                 "attacker still recovers the image. The attack suites below measure privacy."] + lines
-        lines += ["", "Attacks and references: docs/threat-model.md. The attacks' numbers are lower bounds on what an "
-                  "adversary can recover (a stronger attack can only do better); the references bracket them: the mean "
-                  "image recovers nothing image-specific, the label-only decoder what the class gives away, no defence "
-                  "everything."]
-    return lines
