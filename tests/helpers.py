@@ -45,9 +45,11 @@ def kill_at_checkpoint(*args, folder: Path, timeout: float = 120) -> None:
     proc.wait()
 
 
-def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
-    """Exit 2, one line on stderr that starts with 'error:', no traceback, and the given words."""
-    assert done.returncode == 2, (done.returncode, done.stderr)
+def assert_user_error(done, *words: str) -> None:
+    """Exit 2, one line on stderr that starts with 'error:', no traceback, and the given words. `done` is a finished
+    process (run_cli) or an in-process result (cli): the same contract either way."""
+    code = done.returncode if hasattr(done, "returncode") else done.exit_code
+    assert code == 2, (code, done.stderr)
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
     assert "Traceback" not in done.stderr

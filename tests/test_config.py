@@ -42,7 +42,7 @@ def test_a_nested_table_overrides_the_fields_own_default_key_by_key():
     from privoffload.config import AttackConfig, UtilitySweepConfig
 
     attack = config.load(AttackConfig, sets=["obfuscator=\"o\"", "optim.lr=0.01"])
-    assert (attack.optim.name, attack.optim.lr, attack.optim.schedule) == ("adam", 0.01, "cosine")
+    assert (attack.optim.name, attack.optim.lr, attack.optim.schedule) == ("adam", 0.01, "constant")
     sweep = config.load(UtilitySweepConfig, sets=["obfuscator.classifier=\"c\"", "obfuscator.patience=3"])
     assert (sweep.obfuscator.lam, sweep.obfuscator.d_idle, sweep.obfuscator.patience) == (0.0, True, 3)
     assert sweep.obfuscator.val_subset == "range:48000:50000"

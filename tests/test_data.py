@@ -11,7 +11,7 @@ from privoffload import data as data_mod
 from privoffload.data import DeviceData, load_cifar10, parse_subset, select, subset_indices
 from privoffload.errors import UserError
 
-from .helpers import assert_user_error, run_cli
+from .helpers import assert_user_error, cli
 
 PER_FILE = 60  # records per batch file in the small layouts written below
 
@@ -61,7 +61,7 @@ def test_truncated_file_is_a_clear_error(cifar, tmp_path):
     g.write_bytes(g.read_bytes()[:500])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_cifar10(py_root)
-    done = run_cli("train-classifier", "--out", tmp_path / "r", "--data", bin_root, "--epochs", "1", check=False)
+    done = cli("train-classifier", "--out", tmp_path / "r", "--data", bin_root, "--epochs", "1")
     assert_user_error(done, "data_batch_3.bin is truncated")
 
 
@@ -79,7 +79,7 @@ def test_missing_data_and_wrong_layout(cifar, tmp_path):
             pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)
     with pytest.raises(UserError, match="does not hold CIFAR-10 records"):
         load_cifar10(tmp_path / "wrong")
-    done = run_cli("train-classifier", "--out", tmp_path / "r", "--data", tmp_path / "nothing", "--epochs", "1", check=False)
+    done = cli("train-classifier", "--out", tmp_path / "r", "--data", tmp_path / "nothing", "--epochs", "1")
     assert_user_error(done, "no CIFAR-10")
 
 
@@ -136,6 +136,23 @@ def test_ranks_take_disjoint_shards():
     r0 = torch.cat([y for _, y in data.batches(10, shuffle=True, seed=3, rank=0, world=2)])
     r1 = torch.cat([y for _, y in data.batches(10, shuffle=True, seed=3, rank=1, world=2)])
     assert len(r0) == len(r1) == 50 and not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_pairs_are_cut_with_one_index_and_never_mirrored(cifar):
+    """Uploads (here the negative image) and answers come out beside their own images, shuffled, as floats; a
+    mirrored pair would not be a pair."""
+    x, y = cifar.x_train[:200], cifar.y_train[:200]
+    answers = np.eye(10, dtype=np.float32)[y]
+    pairs = DeviceData(x, y).paired(255 - x, answers)
+    n = 0
+    for xb, yb, upload, answer in pairs.batches(64, shuffle=True, seed=2, channels_last=True):
+        assert upload.dtype == torch.float32 and upload.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(upload, 1 - xb, atol=1e-6, rtol=0)
+        assert torch.equal(answer.argmax(1), yb)
+        n += len(yb)
+    assert n == 200 and pairs.upload.dtype == torch.uint8 and len(pairs.part(150)) == 50
+    with pytest.raises(UserError, match="cannot be mirrored"):
+        next(pairs.batches(64, flip_images=True))
 
 
 def test_download_checks_the_md5_and_unpacks(tmp_path, monkeypatch):

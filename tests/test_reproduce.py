@@ -17,13 +17,15 @@ from privoffload.experiments.protocol import load_profile, stage_configs
 from privoffload.experiments.stats import estimate
 from privoffload.runs import read_metrics
 
-from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
+from .helpers import assert_user_error, cli, free_port, kill_at_checkpoint, run_cli
 
-FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png")
-STAGES = ("c0", "o0", "trajectory", "robust", "control", "drift", "recovery", "privacy-o0", "privacy", "attack-o0",
-          "attack-robust", "whitebox", "blackbox", "remap", "scores")
-SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "O (after recovery)"}
-SMOKE = ("reproduce", "--profile", "smoke", "--seeds", "2", "--jobs", "2")
+FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png",
+           "fig9_robust_cost.png", "fig11_robust_drift.png")
+STAGES = ("c0", "o0", "drift", "recovery", "scores", "privacy", "privacy-o0", "trajectory", "robust", "control",
+          "attack-o0", "attack-robust", "robust-drift", "whitebox", "blackbox", "remap", "live")
+SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "the final O (after recovery)"}
+SMOKE = ("reproduce", "--profile", "smoke", "--stages", "all", "--seeds", "2", "--jobs", "2")
+pytestmark = pytest.mark.slow  # the whole protocol, twice: tens of seconds (`make test` runs it; -m "not slow" skips)
 
 
 def stage_files(out):
@@ -51,16 +53,16 @@ def test_report_over_seeds_and_figures(smoke):
     o0 = [read_metrics(out / f"seed-{s}" / "scores")[-1]["o0@c0"] for s in (0, 1)]
     assert f"| C0 test accuracy | 70.82 | {estimate(c0).text(100)} |" in report  # the seeds' own numbers, with their CI
     assert f"| O0 obfuscated accuracy | 40.68 | {estimate(o0).text(100)} |" in report
-    assert "2 seeds (seed-0, seed-1)" in report and "| black-box | 8 | 256 |" in report  # the smoke profile's budgets
+    assert "2 seeds: seed-0, seed-1" in report and "| black-box | 8 | 256 |" in report  # the smoke profile's budgets
     for stage, label in SUITES.items():  # each seed's suite, aggregated over the two seeds
         summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
-        assert f"### Attack suite on {label}" in report
+        assert f"## Attack suite on {label}" in report
         for summary in summaries:
-            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "no defence", "upload as image",
-                                            "decoder", "inversion", "decoder+inversion", "adaptive"}
-            assert f"{summary['strongest']} " in report.split(f"### Attack suite on {label}")[1]
-        psnr = estimate(s["rows"]["inversion"]["psnr_db"] for s in summaries).text()
-        assert f"| inversion | attack | {psnr} |" in report or f"| **inversion** | attack | {psnr} |" in report
+            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "label-only decoder", "no defence",
+                                            "upload as image", "decoder", "label-aware", "decoder+inversion", "adaptive"}
+            assert f"**{summary['strongest']}**" in report.split(f"## Attack suite on {label}")[1]
+        psnr = estimate(s["rows"]["decoder+inversion"]["psnr_db"] for s in summaries).text()
+        assert f"| decoder+inversion | attack | {psnr} |" in report or f"| **decoder+inversion** | attack | {psnr} |" in report
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 
@@ -73,10 +75,14 @@ def test_killed_seeds_continue_where_each_stopped(smoke):
         assert (out / "seed-1" / stage / "DONE").stat().st_mtime_ns == mtime, stage
     for seed in ("seed-0", "seed-1"):
         for stage in STAGES:
-            marks = [r.get("epoch", r.get("step", 0)) for r in read_metrics(out / seed / stage)]
+            marks = [r.get("epoch", r.get("step")) for r in read_metrics(out / seed / stage) if {"epoch", "step"} & r.keys()]
             assert marks == sorted(set(marks)) and (out / seed / stage / "DONE").exists(), (seed, stage, marks)
         drift = read_metrics(out / seed / "drift")
-        assert drift[0]["epoch"] == 0 and all({"O0", "robust", "control"} <= r["probes"].keys() for r in drift)
+        assert drift[0]["epoch"] == 0 and all(r["probes"].keys() == {"O0"} for r in drift)
+        # the robust O and its control, probed later on the very classifiers of the drift (its snapshots)
+        probed = read_metrics(out / seed / "robust-drift")[-1]["curves"]
+        assert {"O0", "robust", "control"} <= probed.keys()
+        assert probed["O0"] == {str(r["epoch"]): r["probes"]["O0"]["quantized_obfuscated_accuracy"] for r in drift}
     # the seeds differ in what they learned, not in the images they are scored on
     assert read_metrics(out / "seed-0" / "c0") != read_metrics(out / "seed-1" / "c0")
     assert read_metrics(out / "seed-0" / "scores")[-1]["images"] == read_metrics(out / "seed-1" / "scores")[-1]["images"]
@@ -93,7 +99,7 @@ def test_same_command_again_reuses_everything_and_plot_redraws(smoke):
     out, _, _, _ = smoke
     before = stage_files(out)
     again = run_cli(*SMOKE, "--out", out)
-    assert again.stdout.count("finished earlier") == 2 * (len(STAGES) + 1)  # and the live hot swap
+    assert again.stdout.count("finished earlier") == 2 * len(STAGES)
     assert stage_files(out) == before
     report = (out / "report.md").read_text()
     for name in (*FIGURES, "report.md"):
@@ -107,10 +113,11 @@ def test_another_config_is_refused(smoke, tmp_path):
     out, _, _, _ = smoke
     done = run_cli(*SMOKE, "--out", out, "--set", "baseline_classifier.epochs=3", check=False)
     assert_user_error(done, "another protocol config")
-    assert_user_error(run_cli("reproduce", "--profile", "tiny", "--out", tmp_path, check=False), "not one of smoke, quick, paper")
-    assert_user_error(run_cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path, check=False), "at least 1")
-    assert_user_error(run_cli("plot", tmp_path / "none", check=False), "not a folder")
-    assert_user_error(run_cli("plot", tmp_path, check=False), "no seed folder")
+    assert_user_error(cli("reproduce", "--profile", "tiny", "--out", tmp_path), "not one of smoke, quick, paper")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path), "at least 1")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--stages", "c0,fig4", "--out", tmp_path), "'fig4' is not")
+    assert_user_error(cli("plot", tmp_path / "none"), "not a folder")
+    assert_user_error(cli("plot", tmp_path), "no seed folder")
 
 
 def test_stand_ins_must_not_see_the_drift_data(tmp_path):
@@ -130,7 +137,7 @@ def test_stand_ins_must_not_see_the_drift_data(tmp_path):
 
 
 def test_seeds_run_as_tasks_on_a_local_ray_cluster(tmp_path):
-    """A Ray head started here; one smoke seed as a Ray task gives the same folders and report as without Ray."""
+    """A Ray head started here; a trivial seed (one epoch of C0) goes through the same path as a Ray task."""
     ray = shutil.which("ray", path=os.path.dirname(sys.executable))
     assert ray, "Ray is part of the test environment (requirements.lock)"
     port = free_port()
@@ -140,11 +147,12 @@ def test_seeds_run_as_tasks_on_a_local_ray_cluster(tmp_path):
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
     try:
         out = tmp_path / "out"
-        done = run_cli("reproduce", "--profile", "smoke", "--out", out, "--ray", f"127.0.0.1:{port}",
-                       "--set", "baseline_classifier.epochs=1", "--set", "drift.epochs=1", env=env, timeout=600)
+        done = run_cli("reproduce", "--profile", "smoke", "--stages", "c0", "--out", out, "--ray", f"127.0.0.1:{port}",
+                       "--set", "baseline_classifier.epochs=1", "--set", 'baseline_classifier.subset="first:128"',
+                       env=env, timeout=600)
         assert f"report: {out / 'report.md'}" in done.stdout
-        assert all((out / "seed-0" / stage / "DONE").exists() for stage in STAGES)
-        assert "1 seed (seed-0)" in (out / "report.md").read_text()
+        assert (out / "seed-0" / "c0" / "DONE").exists() and not (out / "seed-0" / "o0").exists()
+        assert "1 seed: seed-0" in (out / "report.md").read_text()
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -166,3 +174,28 @@ def test_tensorboard_shows_the_logged_curves(smoke, tmp_path):
     again = EventAccumulator(str(tmp_path / "tb" / "seed-1" / "drift")).Reload()
     assert len(again.Scalars("train_loss")) == len([r for r in logged if "train_loss" in r])
     assert_user_error(run_cli("tensorboard", tmp_path / "nothing", check=False), "not a folder")
+
+
+def test_stages_are_chosen_by_group_or_name_with_what_they_read():
+    from privoffload.errors import UserError
+    from privoffload.experiments.stage import select
+    from privoffload.experiments.stages import STAGES
+
+    names = lambda spec: [s.name for s in select(STAGES, spec)]  # noqa: E731
+    assert names("main") == ["c0", "o0", "drift", "recovery", "scores", "privacy"]  # the paper's question first
+    assert names("privacy-o0") == ["c0", "o0", "privacy-o0"]  # what it reads comes with it, in protocol order
+    assert set(names("beyond")) >= {"trajectory", "robust", "control", "robust-drift", "whitebox", "blackbox", "remap",
+                                    "live", "c0", "o0", "drift"}
+    assert names("all") == [s.name for s in STAGES]
+    with pytest.raises(UserError, match="'fig4' is not main, all, a group"):
+        select(STAGES, "main,fig4")
+
+
+def test_a_finished_stage_is_skipped_without_touching_its_trainer(smoke, tmp_path):
+    """Rerunning a finished stage never enters its trainer: a trainer would read the (here broken) checkpoint."""
+    out, _, _, _ = smoke
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("seed-1"))
+    (copy / "seed-0" / "c0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    again = run_cli("reproduce", "--profile", "smoke", "--stages", "c0", "--out", copy)
+    assert "seed 0 stage c0 (finished earlier)" in again.stdout and f"report: {copy / 'report.md'}" in again.stdout

@@ -24,7 +24,7 @@ from privoffload.errors import UserError
 from privoffload.train.game import Readability
 from privoffload.train.obfuscator import train_obfuscator
 
-from .helpers import assert_user_error, fitted_classifier, run_cli
+from .helpers import assert_user_error, cli, fitted_classifier
 
 
 def test_readability_is_the_weighted_mean_and_sampling_keeps_its_expectation():
@@ -56,8 +56,8 @@ def test_obfuscator_trains_against_an_ensemble_of_run_folders_and_files(tmp_path
     assert nets.read_metadata(path)["ensemble"] == "2"
     assert 'ensemble = [' in (tmp_path / "o" / "config.toml").read_text()
 
-    done = run_cli("train-obfuscator", "--classifier", tmp_path / "c", "--out", tmp_path / "o2",
-                   "--set", f'ensemble=["{tmp_path / "nowhere"}"]', check=False)
+    done = cli("train-obfuscator", "--classifier", tmp_path / "c", "--out", tmp_path / "o2",
+               "--set", f'ensemble=["{tmp_path / "nowhere"}"]')
     assert_user_error(done, "nowhere", "does not exist")
     with pytest.raises(UserError, match="ensemble_per_step = 2 must be between 0"):
         dataclasses.replace(cfg, ensemble=cfg.ensemble[:1], ensemble_per_step=2).validate()
@@ -191,6 +191,7 @@ def test_drift_monitor_decides_and_logs(tmp_path):
     assert monitor.check(right) is None  # call 2: canary 1.0
     monitor.version_changed("1", "2")
     assert monitor.check(half) == "model version 1 -> 2"  # pending beats the canary
+    monitor.resynced()  # a reason stays pending until a re-sync succeeds
     assert monitor.check(half) == "canary accuracy 0.500 below 0.7"  # call 4: canary due and low
     logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in logged] == ["canary checked", "model version changed", "canary checked"]

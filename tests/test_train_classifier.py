@@ -7,7 +7,7 @@ from privoffload.config import ClassifierConfig
 from privoffload.train.classifier import train_classifier
 from privoffload.runs import read_metrics
 
-from .helpers import assert_user_error, run_cli
+from .helpers import assert_user_error, cli, run_cli
 
 SMALL = ["--subset", "first:256", "--width", "8", "--batch-size", "64", "--set", "test_subset=\"random:200\""]
 
@@ -25,30 +25,30 @@ def test_short_training_lowers_the_loss(cifar, tmp_path):
 
 def test_cli_run_writes_everything_and_evaluates(tmp_path):
     out = tmp_path / "run"
-    run_cli("train-classifier", "--out", out, "--epochs", "1", *SMALL)
+    assert cli("train-classifier", "--out", out, "--epochs", "1", *SMALL).exit_code == 0
     for name in ("classifier.safetensors", "checkpoint.pt", "metrics.jsonl", "config.toml", "DONE"):
         assert (out / name).exists(), name
-    done = run_cli("evaluate", out, "--json")
+    done = run_cli("evaluate", out, "--json")  # as a user runs it: its own process, its output on stdout
     result = json.loads(done.stdout)
     assert result["images"] == 10000 and 0 <= result["test_accuracy"] <= 1
     # a second run into the same folder is refused unless resumed; a changed config is refused on resume
     assert_user_error(run_cli("train-classifier", "--out", out, "--epochs", "1", *SMALL, check=False), "--resume")
-    assert_user_error(run_cli("train-classifier", "--out", out, "--epochs", "2", *SMALL, "--resume", check=False), "differs")
+    assert_user_error(cli("train-classifier", "--out", out, "--epochs", "2", *SMALL, "--resume"), "differs")
 
 
 def test_bad_input_gets_one_line(tmp_path):
-    assert_user_error(run_cli("train-classifier", "--out", tmp_path / "a", "--set", "epochz=1", check=False), "unknown key epochz")
-    assert_user_error(run_cli("train-classifier", "--out", tmp_path / "a", "--precision", "fp64", check=False), "precision")
+    assert_user_error(cli("train-classifier", "--out", tmp_path / "a", "--set", "epochz=1"), "unknown key epochz")
+    assert_user_error(cli("train-classifier", "--out", tmp_path / "a", "--precision", "fp64"), "precision")
     small = tmp_path / "w8"
-    run_cli("train-classifier", "--out", small, "--epochs", "1", *SMALL)
+    assert cli("train-classifier", "--out", small, "--epochs", "1", *SMALL).exit_code == 0
     # starting from a classifier of another width
-    done = run_cli("train-classifier", "--out", tmp_path / "w16", "--epochs", "1", *SMALL[:2], "--width", "16", "--init", small, check=False)
+    done = cli("train-classifier", "--out", tmp_path / "w16", "--epochs", "1", *SMALL[:2], "--width", "16", "--init", small)
     assert_user_error(done, "does not fit")
     # a checkpoint from another architecture dropped into a run folder
     other = tmp_path / "other"
     other.mkdir()
     (other / "checkpoint.pt").write_bytes((small / "checkpoint.pt").read_bytes())
-    done = run_cli("train-classifier", "--out", other, "--epochs", "1", *SMALL[:2], "--width", "16", "--resume", check=False)
+    done = cli("train-classifier", "--out", other, "--epochs", "1", *SMALL[:2], "--width", "16", "--resume")
     assert_user_error(done, "checkpoint.pt is for")
 
 

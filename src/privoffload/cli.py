@@ -49,6 +49,16 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def defaults(cls: type) -> str:
+    """A command's settings where no option, --config or --set gives them: the end of its --help."""
+    import dataclasses
+
+    cfg = cls()
+    shown = [f"{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+             if not dataclasses.is_dataclass(getattr(cfg, f.name))]
+    return "Defaults (change them with an option, --config FILE.toml or --set key=value): " + "; ".join(shown) + "."
+
+
 def command(*args, **kwargs):
     """`@app.command` with the one-line error handling."""
 
@@ -59,7 +69,7 @@ def command(*args, **kwargs):
 
 
 # options the trainers share; a value left out keeps the config's (or the default's)
-SubsetOpt = Annotated[Optional[str], typer.Option(help="training images: all | first:N | random:N | range:A:B")]
+SubsetOpt = Annotated[Optional[str], typer.Option(help="training images: all | first:N | random:N | range:START:END")]
 EpochsOpt = Annotated[Optional[int], typer.Option()]
 BatchOpt = Annotated[Optional[int], typer.Option()]
 FlipOpt = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="random horizontal flips")]
@@ -84,7 +94,7 @@ def data_of(run: Path | None, dataset: str | None, image_size: str | None) -> di
     return {"dataset": dataset, "image_size": image_size}
 
 
-@command("train-classifier")
+@command("train-classifier", epilog=defaults(config_mod.ClassifierConfig))
 def train_classifier_cmd(
     out: OutOpt, subset: SubsetOpt = None, epochs: EpochsOpt = None,
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
@@ -103,7 +113,7 @@ def train_classifier_cmd(
     train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
-@command("train-obfuscator")
+@command("train-obfuscator", epilog=defaults(config_mod.ObfuscatorConfig))
 def train_obfuscator_cmd(
     out: OutOpt,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
@@ -131,13 +141,14 @@ def train_obfuscator_cmd(
 KINDS = ("decoder", "inversion", "adaptive")
 
 
-@command("attack")
+@command("attack", epilog="Decoder " + defaults(config_mod.AttackConfig))
 def attack_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
     kind: Annotated[str, typer.Option(help="decoder (trained on pairs) | inversion (white-box on O) | adaptive "
                                            "(own O' from O's recipe)")] = "decoder",
-    arch: Annotated[Optional[str], typer.Option(help="decoder: codec (Table I layout) | unet")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="decoder: unet | codec (Table I layout) | answer (from C's answer "
+                                                    "alone: the label-only decoder)")] = None,
     subset: Annotated[Optional[str], typer.Option(help="training images whose originals the attacker knows")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="decoder: epochs at most (early stopping may end sooner)")] = None,
     width: Annotated[Optional[int], typer.Option(help="decoder width")] = None,
@@ -151,8 +162,9 @@ def attack_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Attack an obfuscator, one run folder: a decoder trained to convergence on (O(x), x) training pairs, white-box
-    inversion of O for each test upload, or the adaptive attack (the attacker trains its own O' by O's recipe)."""
+    """Attack an obfuscator, one run folder: a decoder trained until validation stops improving on (upload, image)
+    training pairs (`--set answer=true`: it also reads C's answer), white-box inversion of O for each test upload, or
+    the adaptive attack (the attacker trains its own O' by O's recipe)."""
     from .config import AdaptiveConfig, AttackConfig, InversionConfig
 
     if kind not in KINDS:
@@ -191,19 +203,21 @@ def attack_cmd(
         runner(cfg, out, resume=resume, device=device, data_root=data, data=images)
 
 
-@command("attack-suite")
+@command("attack-suite", epilog=defaults(config_mod.SuiteConfig))
 def attack_suite_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
-    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, inversion, decoder+inversion, "
-                                                        "adaptive")] = None,
+    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, label-aware, adaptive, "
+                                                        "decoder+inversion, inversion")] = None,
     test_subset: Annotated[Optional[str], typer.Option(help="the test images every row is scored on")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table
-    (rerun to continue; finished attacks are reused)."""
+    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table with,
+    per row, PSNR, SSIM, identifiability and convergence, and the leakage beyond the class (rerun to continue;
+    finished rows and the cached uploads are reused)."""
     from .config import SuiteConfig
-    from .privacy.suite import run_suite, suite_rows
+    from .experiments.privacy_table import suite_table
+    from .privacy.suite import run_suite
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
     cfg = settings(SuiteConfig, config, set_, obfuscator=obfuscator, attacks=names, test_subset=test_subset)
@@ -212,11 +226,11 @@ def attack_suite_cmd(
     which = data_of(obfuscator, None, None)  # the attacked obfuscator's data set
     images = load_dataset(which["dataset"] or "cifar10", data, which["image_size"] or "")
     path = run_suite(cfg, out, device=device, data_root=data, data=images)
-    typer.echo("\n".join(suite_rows(json.loads(path.read_text()))))
+    typer.echo("\n".join(suite_table({"": json.loads(path.read_text())})))
     typer.echo(f"suite: {path}")
 
 
-@command("sweep-lambda")
+@command("sweep-lambda", epilog=defaults(config_mod.SweepConfig))
 def sweep_lambda_cmd(
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
     lams: Annotated[Optional[str], typer.Option("--lams", help="comma-separated lambdas, e.g. 0,0.5,1,2")] = None,
@@ -346,7 +360,7 @@ def samples_cmd(
 
 @command("evaluate")
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfuscator or attack run folder")],
-                 subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:A:B")] = "all",
+                 subset: Annotated[str, typer.Option(help="test images: all | first:N | random:N | range:START:END")] = "all",
                  seed: Annotated[int, typer.Option(help="seed of a random:N subset, and of the local-DP noise")] = 0,
                  ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
                  data: DataOpt = None, device: DeviceOpt = "auto",
@@ -365,13 +379,15 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfusca
 
 
 @command("download-data")
-def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to unpack into (then pass it as --data)")],
+def download_cmd(root: Annotated[Optional[Path], typer.Option("--root", help="folder to unpack into (default: the data "
+                                                                            "root, PRIVOFFLOAD_DATA or .cache/data, where "
+                                                                            "every command looks first)")] = None,
                  layout: Annotated[str, typer.Option(help="CIFAR-10's layout: bin | py")] = "bin",
                  dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | pneumoniamnist | orl")] = "cifar10"):
     """Download a data set's official files (needs internet), check the md5 where one is published, and unpack."""
-    from .data import download_dataset
+    from .data import default_root, download_dataset
 
-    typer.echo(f"wrote {download_dataset(dataset, root, layout)}")
+    typer.echo(f"wrote {download_dataset(dataset, root or default_root(), layout)}")
 
 # ---------------------------------------------------------------- the offload system: cloud and client
 
@@ -386,6 +402,8 @@ def serve_cmd(
     no_auth: Annotated[Optional[bool], typer.Option("--no-auth", help="no tokens (trusted networks only)")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="PEM certificate: serve https")] = None,
     ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="PEM private key of the certificate")] = None,
+    web: Annotated[Optional[Path], typer.Option("--web", help="serve the browser client at /web/ with the files of "
+                                                              "this folder: obfuscator.onnx [, attack.onnx]")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, device: Annotated[Optional[str], typer.Option("--device")] = None,
 ):
     """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN,
@@ -395,7 +413,7 @@ def serve_cmd(
 
     cfg = settings(ServeConfig, config, set_, repo=repo, host=host, port=port, batch_window_ms=batch_window_ms,
                    serve_weights=serve_weights, no_auth=no_auth, device=device, ssl_certfile=ssl_certfile,
-                   ssl_keyfile=ssl_keyfile)
+                   ssl_keyfile=ssl_keyfile, web=web)
     serve(cfg)
 
 
@@ -405,15 +423,32 @@ def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folde
                 name: Annotated[Optional[str], typer.Option(help="model name (default: DATASET-resnet18)")] = None,
                 signing_key: Annotated[Optional[Path], typer.Option(
                     "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
-    """Add a trained classifier to the repository as the next version (atomically)."""
+    """Add a trained classifier to the repository as the next version (atomically). Publishing serves nothing:
+    an admin load makes a version the served one, on every replica (docs/service.md)."""
     from . import nets
     from .cloud.repository import Repository
+    from .config import model_name
 
     weights = run / "classifier.safetensors" if run.is_dir() else run
-    name = name or f"{nets.read_metadata(weights).get('dataset', 'cifar10').split(':')[0]}-resnet18"
+    if run.is_dir() and not weights.exists() and (run / "obfuscator.safetensors").exists():
+        raise UserError(f"{run} is an obfuscator run, and publish takes a classifier run (the cloud serves the "
+                        f"classifier; the obfuscator stays on the device): publish the classifier it was trained "
+                        f"against ({_trained_against(run)}), and give {run} to clients as `classify --obfuscator`")
+    name = name or model_name(nets.read_metadata(weights).get("dataset", "cifar10"))
     m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
     typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
-               f"{', signed' if signing_key else ''})")
+               f"{', signed' if signing_key else ''}); not served until loaded: POST /v2/repository/models/{m.name}/load "
+               f'with {{"parameters": {{"version": "{m.version}"}}}} on each replica')
+
+
+def _trained_against(run: Path) -> str:
+    """The classifier run an obfuscator run names in its config.toml, for a hint."""
+    try:
+        from .config import ObfuscatorConfig
+
+        return f"`privoffload publish {config_mod.load(ObfuscatorConfig, run / 'config.toml').classifier} --repo ...`"
+    except UserError:
+        return "its config.toml names it"
 
 
 @command("classify")
@@ -421,12 +456,15 @@ def classify_cmd(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files")],
     server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. https://cloud.example:8000")],
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder or .safetensors file")],
-    model: Annotated[str, typer.Option(help="model name on the server")] = "cifar10-resnet18",
+    model: Annotated[Optional[str], typer.Option(help="model name on the server (default: the one the obfuscator's "
+                                                     "data set is published under, DATASET-resnet18)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 30.0,
     ca_cert: Annotated[Optional[Path], typer.Option("--ca-cert", help="CA certificate (PEM) that signed the "
                                                                      "server's, e.g. a self-signed one")] = None,
     allow_http: Annotated[bool, typer.Option("--allow-http", help="send the token over plain http to another "
                                                                   "machine (trusted networks only)")] = False,
+    proxy: Annotated[Optional[str], typer.Option("--proxy", help="HTTP(S) proxy URL to go through (HTTP_PROXY and "
+                                                                 "the like are ignored)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
 ):
@@ -438,7 +476,7 @@ def classify_cmd(
     from .client import Client
 
     with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
-                ca_cert=ca_cert, allow_http=allow_http, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
+                ca_cert=ca_cert, allow_http=allow_http, proxy=proxy, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
                 ldp_clip=ldp_clip) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
@@ -450,23 +488,45 @@ def classify_cmd(
             typer.echo(f"{r['file']}\t{r['label']}\t{r['probability']:.3f}\tversion {r['model_version']}")
 
 
+@command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="an obfuscator run folder (or an attack run, for the browser demo), "
+                                             "or its .safetensors file")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime, the browser) | executorch (.pte, XNNPACK) "
+                                                      "| tflite (LiteRT)")],
+    out: Annotated[Path, typer.Option("--out", help="file to write; FILE.json beside it says what it takes")],
+):
+    """Write the obfuscator as a file that a phone or browser runtime loads; it records the image shape and the
+    weights' sha256. executorch and tflite need extras (`make edge`)."""
+    from .client.export import export
+
+    m = export(run, fmt, out)
+    checked = f", {m['max_abs_diff']} from PyTorch" if "max_abs_diff" in m else ", not run: no runtime here"
+    typer.echo(f"wrote {out} ({m['format']}: {m['kind']} {m['arch']} width {m['width']}, images {m['image']}, "
+               f"{int(m['bytes']):,} bytes, {m['seconds']} s{checked}; sha256 {m['sha256'][:16]}...)")
+
+
 @command("reproduce")
 def reproduce_cmd(
     out: Annotated[Path, typer.Option("--out", help="protocol folder (give the same command again to continue)")],
     profile: Annotated[str, typer.Option(help="smoke | quick | paper | auto (paper on CUDA, quick on a CPU)")] = "auto",
+    stages: Annotated[str, typer.Option(help="main (the paper's stages and the attack suite on the final obfuscator) | "
+                                             "all | groups paper, privacy, beyond | stage names, comma-separated")] = "main",
     seeds: Annotated[int, typer.Option(help="independent runs of the whole protocol; the report gives mean and 95 % CI")] = 1,
     jobs: Annotated[int, typer.Option(help="seeds run side by side on this machine, sharing its cores")] = 1,
     ray: Annotated[Optional[str], typer.Option(help="run the seeds as tasks on the Ray cluster at this address")] = None,
     dataset: DatasetOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Run the paper's whole protocol per seed (C0, O0, drift, recovery, attacks, re-syncs), its figures and report.md.
-    With --dataset, on that data set (profiles/PROFILE-DATASET.toml where there is one)."""
+    """Run the paper's protocol per seed (C0, O0, drift, recovery, the attack suite on the final obfuscator; more with
+    --stages), then its figures and report.md. With --dataset, on that data set (profiles/PROFILE-DATASET.toml where
+    there is one)."""
     from .experiments.protocol import auto_profile, load_profile, reproduce
     from .live import hot_swap_stage
 
     name = auto_profile(device) if profile == "auto" else profile
     cfg = load_profile(name, set_, dataset)
-    report = reproduce(cfg, out, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device, after_stages=hot_swap_stage)
+    report = reproduce(cfg, out, stages=stages, seeds=seeds, jobs=jobs, ray=ray, data_root=data, device=device,
+                       runners={"live": hot_swap_stage})
     typer.echo(f"report: {report}")
 
 

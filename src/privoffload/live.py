@@ -5,8 +5,9 @@ images; the cloud hot-swaps to the drifted classifier; the client notices the ne
 by itself (white-box: the service publishes weights, signed by the publisher, whose key the client holds). Accuracy is recorded before the swap, after it (the old
 obfuscator on the new model) and after the automatic re-sync, for the robust obfuscator and for O0.
 
-This sits beside the CLI, above both apps, because it runs both; `reproduce` calls it after each seed's
-stages when the profile asks for it (`[live]`), and report.md shows what it logged.
+This sits beside the CLI, above both apps, because it runs both: it is the runner of the protocol's `live` stage
+(experiments/stages/live.py, which holds its settings, record and report section), handed to `reproduce` by the
+command line.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from .cloud.app import create_app
 from .cloud.auth import Tokens
 from .cloud.repository import Repository, new_key_pair
 from .cloud.server import uvicorn_config
-from .config import DriftConfig, LiveConfig, ProtocolConfig, ServeConfig
-from .data import Dataset, load_dataset, select
+from .config import DriftConfig, ServeConfig, model_name
+from .data import select
+from .experiments.stage import Seed
+from .experiments.stages.live import LiveConfig
 from .runs import RunDir, is_done
 
 
@@ -68,34 +71,27 @@ class LoopbackServer:
         self.sock.close()
 
 
-def hot_swap_stage(cfg: ProtocolConfig, folder: Path, *, data: Dataset | None = None, data_root=None,
-                   device: str = "cpu") -> Path | None:
-    """Run the live hot swap for one seed's folder (after its stages); a finished one is kept."""
-    live: LiveConfig = cfg.live
-    out = folder / "live"
-    if not live.enabled:
-        return None
+def hot_swap_stage(live: LiveConfig, out: Path, seed: Seed) -> None:
+    """The protocol's `live` stage for one seed: the hot swap with the robust O (where there is one) and with O0."""
     run = RunDir(out)
     run.start(live, resume=True)
     if is_done(out):
-        return out
-    data = data or load_dataset(cfg.dataset, data_root, cfg.image_size)
-    x_test, y_test = select(data, live.test_subset, split="test")
-    x_own, y_own = select(data, live.resync.subset, live.resync.seed)
+        return
+    x_test, y_test = select(seed.data, live.test_subset, split="test")
+    x_own, y_own = select(seed.data, live.resync.subset, live.resync.seed)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     for name in ("robust", "o0"):
-        if (folder / name / "obfuscator.safetensors").exists():
-            record = swap_once(folder, name, out, x_test, y_test, x_own, y_own, live,
-                               model=f"{cfg.dataset.split(':')[0]}-resnet18")
+        if (seed.folder / name / "obfuscator.safetensors").exists():
+            record = swap_once(seed.folder, name, out, x_test, y_test, x_own, y_own, live,
+                               model=model_name(seed.protocol.dataset))
             run.log(record)
             print(f"live {name}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
                   f"after the automatic re-sync {record['after_resync']:.4f}", flush=True)
     run.finish()
-    return out
 
 
 def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.ndarray, x_own: np.ndarray,
-              y_own: np.ndarray, live: LiveConfig, model: str = "cifar10-resnet18") -> dict:
+              y_own: np.ndarray, live: LiveConfig, model: str = model_name("cifar10")) -> dict:
     """One client, one swap: C0 serving, classify; publish and load the drifted C, classify; re-sync, classify."""
     work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))
     try:

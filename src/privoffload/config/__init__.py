@@ -1,9 +1,9 @@
 """Settings in one place, as data: dataclasses loaded from TOML and overridden by `key=value` strings.
 
     loader.py       TOML in and out, --set overrides, type checks (from_dict, load, to_toml)
-    values.py       the grammar of data settings: data set names, image sizes, subsets
+    values.py       the grammar of data settings: data set names, image sizes, subsets; a data set's model name
     training.py     the trainers and the attacks (classifier, obfuscator, decoder, inversion, adaptive, suite, re-sync)
-    experiments.py  the sweeps and the protocol
+    experiments.py  the sweeps (the protocol's settings are its stages' sections: experiments/stages/)
     service.py      the cloud service
     client.py       the client's automatic re-sync
 
@@ -22,10 +22,10 @@ come from the environment instead:
 """
 
 from .client import DriftConfig
-from .experiments import (PROFILES, EpsilonSweepConfig, LiveConfig, ProtocolConfig, RemapConfig, RobustConfig,
-                          ScoresConfig, SweepConfig, UtilitySweepConfig)
+from .experiments import PROFILES, EpsilonSweepConfig, SweepConfig, UtilitySweepConfig
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
+from .values import model_name
 from .training import (ATTACKS, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, DataConfig, IdentifyConfig,
-                       InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ProbeConfig, ResyncConfig, SuiteConfig,
+                       InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ResyncConfig, SuiteConfig,
                        TrainConfig)

@@ -99,8 +99,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-         sets: list[str] | None = None) -> Any:
-    """Defaults <- TOML file <- `sets` ("a.b=v") <- `overrides` (CLI options that were given)."""
+         sets: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Any:
+    """Defaults <- TOML file (less its top-level tables `ignore`) <- `sets` ("a.b=v") <- `overrides` (CLI options
+    that were given)."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -109,6 +110,8 @@ def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | 
             raise UserError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        for key in ignore:
+            data.pop(key, None)
     for text in sets or []:
         keys, value = parse_override(text)
         _set(data, keys, value)
