@@ -100,16 +100,21 @@ def train_classifier_cmd(
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
     batch_size: BatchOpt = None, flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="classifier run to start from")] = None,
+    compatible_with: Annotated[Optional[list[Path]], typer.Option(
+        "--compatible-with", help="a published obfuscator run whose uploads this update must keep working "
+                                  "(repeatable; the term's weight and loss: --set compat.weight=1 compat.loss=kl|focal)")] = None,
     precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Train the cloud's classifier (a ResNet18 for the data set's images)."""
+    """Train the cloud's classifier (a ResNet18 for the data set's images); with --compatible-with, as an update that
+    keeps the published obfuscators working."""
     from .config import ClassifierConfig
     from .train.classifier import train_classifier
 
     cfg = settings(ClassifierConfig, config, set_, subset=subset, epochs=epochs, width=width, batch_size=batch_size,
-                   flip=flip, init=init, precision=precision, seed=seed, dataset=dataset, image_size=image_size)
+                   flip=flip, init=init, precision=precision, seed=seed, dataset=dataset, image_size=image_size,
+                   **{"compat.obfuscators": [str(p) for p in compatible_with] if compatible_with else None})
     train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
