@@ -32,7 +32,7 @@ def published(run: str, ctx: Context) -> tuple[nn.Module, nn.Module]:
     """A published obfuscator O and the classifier it was trained against (its run's `classifier`), both frozen on
     this run's device; a one-line error for a run that is not an obfuscator, or one made for other images."""
     obf = load_codec(run)
-    dataset, size = run_dataset(run)
+    dataset, _ = run_dataset(run)
     if dataset != ctx.data.name:
         raise UserError(f"obfuscator {run} was trained on the data set {dataset!r}; this classifier trains on "
                         f"{ctx.data.name!r}: it can only keep obfuscators of its own images compatible")
