@@ -18,6 +18,7 @@ RUNS = {
     "game_step": ["game_step.py"],
     "obfuscator_latency": ["obfuscator_latency.py"],
     "train_throughput": ["train_throughput.py"],
+    "edge_export": ["edge_export.py", "--rounds", "100"],
     "protocol_time": ["protocol_time.py", "--width", "8", "--images", "256", "--batch", "64", "--obf-batch", "32",
                       "--test-images", "500"],
 }

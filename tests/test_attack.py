@@ -21,7 +21,7 @@ from privoffload.runs import is_done
 from privoffload.runtime import use_bf16
 
 ATTACK_ARGS = ("--arch", "unet", "--width", "4", "--subset", "first:192", "--epochs", "2", "--batch-size", "64",
-               "--set", 'test_subset="random:64"', "--set", "val_images=64", "--set", "patience=0")
+               "--set", 'test_subset="random:64"', "--set", "val_split=0.34", "--set", "patience=0")
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,15 @@ def test_attacker_trains_on_train_split_and_scores_on_test_split(obfuscator_run,
     """Test split = 64 black images: the logged PSNR must be that of black images, not of training images."""
     black = dataclasses.replace(cifar, x_test=np.zeros((64, 3, 32, 32), np.uint8), y_test=np.zeros(64, np.int64))
     cfg = AttackConfig(obfuscator=str(obfuscator_run), arch="codec", width=4, epochs=2, batch_size=64,
-                       subset="first:128", test_subset="all", val_images=0, patience=0)
+                       subset="first:128", test_subset="all", val_split=0, patience=0)
     train_attack(cfg, tmp_path / "straight", data=black)
     last = records(tmp_path / "straight")[-1]
+    assert last["converged"] is False  # no validation split: nothing says it converged
     attacker = nets.load(tmp_path / "straight" / "attacker.safetensors", expect="codec")
     obf = nets.load(obfuscator_run / "obfuscator.safetensors", expect="codec")
     bf16 = use_bf16("auto", torch.device("cpu"))
     psnr, ssim = reconstruction_quality(attacker, obf, DeviceData(black.x_test, black.y_test), bf16=bf16)
-    assert (last["attacker_psnr_db"], last["attacker_ssim"]) == pytest.approx((psnr, ssim), rel=1e-6)
+    assert (last["attacker_psnr_db"], last["attacker_ssim"]) == pytest.approx((psnr, ssim), rel=1e-3)
     on_train = reconstruction_quality(attacker, obf, DeviceData(black.x_train[:64], black.y_train[:64]), bf16=bf16)
     assert on_train[0] != pytest.approx(psnr, abs=0.5)
 
@@ -97,8 +98,10 @@ def weights_only(obfuscator_run, tmp_path):
     (lambda o, t: ["--obfuscator", o, "--kind", "nope"], "--kind 'nope' is not one of decoder, inversion, adaptive"),
     (lambda o, t: ["--obfuscator", o, "--kind", "inversion", "--arch", "unet"], "--arch does not apply to --kind inversion"),
     (lambda o, t: ["--obfuscator", o, "--kind", "decoder", "--steps", "3"], "--steps does not apply to --kind decoder"),
-    (lambda o, t: ["--obfuscator", o, "--subset", "first:100"], "validation split of 1000 images leaves none"),
-    (lambda o, t: ["--obfuscator", o, "--set", "val_images=0"], "patience needs a validation split"),
+    (lambda o, t: ["--obfuscator", o, "--subset", "first:100", "--set", "val_split=0.999"],
+     "validation split of 0.999 leaves none of the 100 images"),
+    (lambda o, t: ["--obfuscator", o, "--set", "val_split=0"], "patience needs a validation split"),
+    (lambda o, t: ["--obfuscator", o, "--arch", "codec", "--set", "answer=true"], "answer = true needs arch"),
     (lambda o, t: ["--obfuscator", o, "--kind", "inversion", "--set", 'start="decoder"'], "needs decoder = an attack run"),
     (lambda o, t: ["--obfuscator", weights_only(o, t), "--kind", "adaptive"], "needs O's training recipe"),
 ])

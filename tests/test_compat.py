@@ -79,7 +79,7 @@ SMALL = ("--subset", "first:384", "--width", "4", "--batch-size", "64", "--epoch
 def test_train_classifier_compatible_with_a_published_obfuscator(obfuscator_run, tiny_classifier, tmp_path):
     out = tmp_path / "c1"
     done = cli("train-classifier", "--out", out, "--init", tiny_classifier, "--compatible-with", obfuscator_run, *SMALL,
-               "--set", "compat.val_images=128", "--set", 'compat.loss="focal"')
+               "--set", "compat.val_split=0.25", "--set", 'compat.loss="focal"')
     assert done.exit_code == 0, done.output
     (record,) = read_metrics(out)[1:]  # epoch 0 (the init, scored), then the epoch trained
     assert record["train_compat_loss"] > 0 and 0 <= record["val_accuracy"] <= 1

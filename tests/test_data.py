@@ -138,6 +138,23 @@ def test_ranks_take_disjoint_shards():
     assert len(r0) == len(r1) == 50 and not set(r0.tolist()) & set(r1.tolist())
 
 
+def test_pairs_are_cut_with_one_index_and_never_mirrored(cifar):
+    """Uploads (here the negative image) and answers come out beside their own images, shuffled, as floats; a
+    mirrored pair would not be a pair."""
+    x, y = cifar.x_train[:200], cifar.y_train[:200]
+    answers = np.eye(10, dtype=np.float32)[y]
+    pairs = DeviceData(x, y).paired(255 - x, answers)
+    n = 0
+    for xb, yb, upload, answer in pairs.batches(64, shuffle=True, seed=2, channels_last=True):
+        assert upload.dtype == torch.float32 and upload.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(upload, 1 - xb, atol=1e-6, rtol=0)
+        assert torch.equal(answer.argmax(1), yb)
+        n += len(yb)
+    assert n == 200 and pairs.upload.dtype == torch.uint8 and len(pairs.part(150)) == 50
+    with pytest.raises(UserError, match="cannot be mirrored"):
+        next(pairs.batches(64, flip_images=True))
+
+
 def test_download_checks_the_md5_and_unpacks(tmp_path, monkeypatch):
     """The official tarball's path, with a small stand-in served from a file:// URL: a right md5 unpacks, a wrong one
     is refused with a one-line error that says what to do."""

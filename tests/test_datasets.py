@@ -220,7 +220,7 @@ def test_orl_end_to_end_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert nets.read_metadata(tmp_path / "o" / "obfuscator.safetensors")["image"] == "1x64x56"
     result = cli("attack", "--out", tmp_path / "a", "--obfuscator", tmp_path / "o", "--width", "4", "--subset",
-                 "random:64", *small, "--set", "val_images=16")
+                 "random:64", *small, "--set", "val_split=0.25")
     assert result.exit_code == 0, result.output
     from privoffload.config import IdentifyConfig
     from privoffload.privacy.identify import train_identify

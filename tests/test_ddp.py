@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,8 @@ from privoffload.data import DeviceData
 from privoffload.runs import read_metrics
 
 from .helpers import free_port
+
+pytestmark = pytest.mark.slow  # two torchrun ranks, killed and resumed: tens of seconds
 
 TIMING = ("time_s", "images_per_s", "eval_time_s")
 

@@ -101,7 +101,7 @@ def test_evaluate_and_sweep_write_epsilon_and_delta(obfuscator_run, tmp_path):
 
     result = cli("sweep-epsilon", "--obfuscator", obfuscator_run, "--out", tmp_path / "eps", "--epsilons", "4,inf",
                  "--attack-epochs", "1", "--attack-width", "4", "--attack-arch", "codec", "--attack-subset", "first:64",
-                 "--set", 'test_subset="random:64"', "--set", "attack.batch_size=32", "--set", "attack.val_images=16", "--set",
+                 "--set", 'test_subset="random:64"', "--set", "attack.batch_size=32", "--set", "attack.val_split=0.25", "--set",
                  'attack.test_subset="random:64"', "--device", "cpu")
     assert result.exit_code == 0, result.output
     table = (tmp_path / "eps" / "epsilon.md").read_text()

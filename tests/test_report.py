@@ -219,28 +219,59 @@ def test_an_unfinished_stage_is_left_out_and_its_section_with_it(protocol):
     assert "re-sync after the update" not in report and "drift-robust obfuscator" in report
 
 
-def suite(decoder_psnr: float, decoder_ssim: float, best_epoch: int) -> dict:
-    """One seed's suite.json: the references, a decoder (the strongest) and an inversion."""
-    row = lambda p, s, acc, kind="attack": {"kind": kind, "psnr_db": p, "psnr_ci": 0.2, "ssim": s,  # noqa: E731
-                                             "ssim_ci": 0.01, "probe_accuracy": acc, "probe_accuracy_ci": 0.02}
-    rows = {"mean image": row(12.0, 0.18, 0.10, "reference"), "no defence": row(None, 1.0, 0.30, "reference"),
-            "decoder": {**row(decoder_psnr, decoder_ssim, 0.20), "epochs": 5, "steps": 155, "best_epoch": best_epoch,
-                        "arch": "unet", "wall_s": 10.0},
-            "inversion": {**row(12.5, 0.2, 0.12), "steps": 10, "wall_s": 4.0}}
-    return {"rows": rows, "strongest": "decoder", "strongest_psnr_db": decoder_psnr, "max_ssim": decoder_ssim,
-            "images": 500, "test_subset": "random:500", "utility": {"clean_accuracy": 0.5, "quantized_obfuscated_accuracy": 0.3}}
+def suite(decoder_psnr: float, decoder_ssim: float, best_epoch: int, converged: bool = True) -> dict:
+    """One seed's suite.json: the references, a decoder (the strongest), an empty inversion, and the leakage."""
+    ident = {"10": {"rate": 0.5, "ci": 0.02, "chance": 0.1, "min_candidates": 10},
+             "100": {"rate": 0.2, "ci": 0.02, "chance": 0.01, "min_candidates": 100}}
+    row = lambda p, s, kind="attack": {"kind": kind, "psnr_db": p, "psnr_ci": 0.2, "ssim": s,  # noqa: E731
+                                       "ssim_ci": 0.01, "identify": ident}
+    rows = {"mean image": row(12.0, 0.18, "reference"), "no defence": row(None, 1.0, "reference"),
+            "label-only decoder": {**row(13.0, 0.2, "reference"), "epochs": 9, "budget": 40, "best_epoch": 7,
+                                   "converged": True, "arch": "answer", "width": 16, "wall_s": 5.0},
+            "decoder": {**row(decoder_psnr, decoder_ssim), "epochs": 8, "budget": 40, "steps": 1120,
+                        "best_epoch": best_epoch, "converged": converged, "arch": "unet", "width": 16, "wall_s": 10.0},
+            "decoder+inversion": {**row(12.5, 0.2), "steps": 10, "lr": 0.01, "tv": 0.3, "empty": True,
+                                  "mean_abs_change": 0.001, "wall_s": 4.0}}
+    leak = {"attack": "decoder", "reference": "label-only decoder", "psnr_db": decoder_psnr - 13.0, "psnr_ci": 0.1,
+            "ssim": decoder_ssim - 0.2, "ssim_ci": 0.01, "converged": converged,
+            "verdict": "converged" if converged else "lower bound, not converged"}
+    return {"rows": rows, "strongest": "decoder", "strongest_converged": converged, "strongest_psnr_db": decoder_psnr,
+            "max_ssim": decoder_ssim, "images": 2000, "test_subset": "random:2000", "identify": [10, 100],
+            "val_images": 256, "leakage": leak,
+            "utility": {"clean_accuracy": 0.5, "quantized_obfuscated_accuracy": 0.3}}
 
 
 def test_report_aggregates_each_suite_over_the_seeds(protocol):
     """Each seed's suite.json, one table: every row the mean ± t-interval over the seeds, exact rows as ∞, the
-    strongest attack in bold, where it lies (per seed, then averaged), each seed's strongest, and the target."""
+    strongest attack in bold, convergence per row, identifiability, the leakage beyond the class, n, the target."""
     for s, (p, ssim) in enumerate(((15.0, 0.26), (15.5, 0.27), (16.0, 0.28))):
         log(protocol / f"seed-{s}" / "privacy")
         (protocol / f"seed-{s}" / "privacy" / "suite.json").write_text(json.dumps(suite(p, ssim, best_epoch=3 + s)))
     report = write_report(protocol).read_text()
     assert "## Attack suite on the final O (after recovery)" in report and "Attack suite on O0" not in report
     psnr, ssim = estimate([15.0, 15.5, 16.0]), estimate([0.26, 0.27, 0.28])
-    assert (f"| **decoder** | attack | {psnr.text()} | {ssim.text(digits=3)} | 20.0 ± 0.0 | "
-            "5 epochs (155 steps), best at 3/4/5, unet; 10 s |") in report
-    assert "| no defence | reference | ∞ (exact) | 1.000 ± 0.000 | 30.0 ± 0.0 |  |" in report
-    assert "± is the 95 % t-interval over the 3 seeds." in report
+    assert (f"| **decoder** | attack | {psnr.text()} | {ssim.text(digits=3)} | 50.0 ± 0.0 | 20.0 ± 0.0 | "
+            "converged at epoch 3/4/5 of 8; unet w16; 10 s |") in report
+    assert "| no defence | reference | ∞ (exact) | 1.000 ± 0.000 | 50.0 ± 0.0 | 20.0 ± 0.0 | – |" in report
+    assert ("| decoder+inversion | attack | 12.50 ± 0.00 | 0.200 ± 0.000 | 50.0 ± 0.0 | 20.0 ± 0.0 | 10 steps, lr 0.01, "
+            "tv 0.3; moves pixels 0.3/255 on average; **empty at this budget**; 4 s |") in report
+    assert "n = 2000 test images (`random:2000`, the same in every seed) x 3 seeds" in report
+    assert "± is the 95 % t-interval over the 3 seeds" in report
+    leak = estimate([2.0, 2.5, 3.0])
+    assert f"**Leakage beyond the class** (the strongest attack minus the label-only decoder, paired per image, then " \
+           f"over the seeds): **+{leak.text()} dB PSNR" in report and "(converged)" in report
+    assert "seed-0: **decoder**, seed-1: **decoder**, seed-2: **decoder**" in report
+    assert (f"(0.60 ± 0.00: missed), the strongest attack at most 15 dB ({psnr.text()}: not resolved (the interval "
+            f"contains the target)) and every attack at most 0.3 SSIM ({ssim.text(digits=3)}: met).") in report
+
+
+def test_one_suite_prints_its_intervals_over_images_and_flags_a_budget_stop():
+    """One suite.json alone (the attack-suite command): ± over the images, and a decoder whose best epoch was its
+    last printed as not converged, its leakage as a lower bound."""
+    from privoffload.experiments.privacy_table import suite_table
+
+    table = "\n".join(suite_table({"": suite(15.0, 0.26, best_epoch=8, converged=False)}))
+    assert "| **decoder** | attack | 15.00 ± 0.20 | 0.260 ± 0.010 | 50.0 ± 2.0 | 20.0 ± 2.0 | **not converged** (best " \
+           "epoch 8 of 8 run, budget 40); unet w16; 10 s |" in table
+    assert "**+2.00 ± 0.10 dB PSNR, +0.060 ± 0.010 SSIM** (**lower bound, not converged**)" in table
+    assert "x 1 seed; ± is the 95 % t-interval over the images (one seed)" in table

@@ -18,7 +18,7 @@ from privoffload.experiments.protocol import load_profile, stage_configs
 from privoffload.experiments.stats import estimate
 from privoffload.runs import read_metrics
 
-from .helpers import assert_user_error, free_port, kill_at_checkpoint, run_cli
+from .helpers import assert_user_error, cli, free_port, kill_at_checkpoint, run_cli
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png",
            "fig9_robust_cost.png", "fig11_robust_drift.png")
@@ -27,6 +27,7 @@ STAGES = ("c0", "o0", "drift", "recovery", "scores", "privacy", "privacy-o0", "d
           "live")
 SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "the final O (after recovery)"}
 SMOKE = ("reproduce", "--profile", "smoke", "--stages", "all", "--seeds", "2", "--jobs", "2")
+pytestmark = pytest.mark.slow  # the whole protocol, twice: tens of seconds (`make test` runs it; -m "not slow" skips)
 
 
 def stage_files(out):
@@ -59,11 +60,11 @@ def test_report_over_seeds_and_figures(smoke):
         summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
         assert f"## Attack suite on {label}" in report
         for summary in summaries:
-            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "no defence", "upload as image",
-                                            "decoder", "inversion", "decoder+inversion", "adaptive"}
-            assert f"{summary['strongest']} " in report.split(f"## Attack suite on {label}")[1]
-        psnr = estimate(s["rows"]["inversion"]["psnr_db"] for s in summaries).text()
-        assert f"| inversion | attack | {psnr} |" in report or f"| **inversion** | attack | {psnr} |" in report
+            assert set(summary["rows"]) >= {"mean image", "per-class mean image", "label-only decoder", "no defence",
+                                            "upload as image", "decoder", "label-aware", "decoder+inversion", "adaptive"}
+            assert f"**{summary['strongest']}**" in report.split(f"## Attack suite on {label}")[1]
+        psnr = estimate(s["rows"]["decoder+inversion"]["psnr_db"] for s in summaries).text()
+        assert f"| decoder+inversion | attack | {psnr} |" in report or f"| **decoder+inversion** | attack | {psnr} |" in report
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000, name
 
@@ -114,10 +115,11 @@ def test_another_config_is_refused(smoke, tmp_path):
     out, _, _, _ = smoke
     done = run_cli(*SMOKE, "--out", out, "--set", "baseline_classifier.epochs=3", check=False)
     assert_user_error(done, "another protocol config")
-    assert_user_error(run_cli("reproduce", "--profile", "tiny", "--out", tmp_path, check=False), "not one of smoke, quick, paper")
-    assert_user_error(run_cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path, check=False), "at least 1")
-    assert_user_error(run_cli("plot", tmp_path / "none", check=False), "not a folder")
-    assert_user_error(run_cli("plot", tmp_path, check=False), "no seed folder")
+    assert_user_error(cli("reproduce", "--profile", "tiny", "--out", tmp_path), "not one of smoke, quick, paper")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--seeds", "0", "--out", tmp_path), "at least 1")
+    assert_user_error(cli("reproduce", "--profile", "smoke", "--stages", "c0,fig4", "--out", tmp_path), "'fig4' is not")
+    assert_user_error(cli("plot", tmp_path / "none"), "not a folder")
+    assert_user_error(cli("plot", tmp_path), "no seed folder")
 
 
 def test_stand_ins_and_replicas_follow_the_update_recipe(tmp_path):

@@ -15,15 +15,17 @@ from privoffload.runs import is_done, read_metrics
 
 from .helpers import kill_at_checkpoint, run_cli
 
+pytestmark = pytest.mark.slow  # trainers killed and resumed in subprocesses: tens of seconds
+
 EPOCHS = 3
-COMMON = ("--subset", "first:512", "--batch-size", "64", "--epochs", str(EPOCHS), "--set", 'test_subset="random:128"',
+COMMON = ("--subset", "first:256", "--batch-size", "64", "--epochs", str(EPOCHS), "--set", 'test_subset="random:128"',
           "--set", "eval_every=1")
 TRAINERS = {  # kind -> (command line given the tiny classifier and obfuscator runs, weights files)
     "classifier": (lambda c, o: ["train-classifier", "--width", "8", *COMMON], ["classifier"]),
     "obfuscator": (lambda c, o: ["train-obfuscator", "--classifier", c, "--width", "4", "--lam", "1", *COMMON],
                    ["obfuscator", "deobfuscator"]),
     "attack": (lambda c, o: ["attack", "--obfuscator", o, "--arch", "codec", "--width", "4", *COMMON,
-                             "--set", "val_images=128", "--set", "patience=0"], ["attacker"]),
+                             "--set", "val_split=0.25", "--set", "patience=0"], ["attacker"]),
 }
 TIMING = ("time_s", "images_per_s", "eval_time_s", "val_time_s")
 

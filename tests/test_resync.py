@@ -210,6 +210,7 @@ def test_drift_monitor_decides_and_logs(tmp_path):
     assert monitor.check(right) is None  # call 2: canary 1.0
     monitor.version_changed("1", "2")
     assert monitor.check(half) == "model version 1 -> 2"  # pending beats the canary
+    monitor.resynced()  # a reason stays pending until a re-sync succeeds
     assert monitor.check(half) == "canary accuracy 0.500 below 0.7"  # call 4: canary due and low
     logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in logged] == ["canary checked", "model version changed", "canary checked"]

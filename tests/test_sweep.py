@@ -11,8 +11,8 @@ from privoffload.experiments.sweep import frontier_point, meets
 
 from .helpers import cli
 
-SUITE = ("--set", 'suite.attacks=["decoder"]', "--set", 'suite.test_subset="random:64"', "--set", "suite.decoder.val_images=64",
-         "--set", "suite.decoder.batch_size=64", "--set", "suite.probe.folds=2")
+SUITE = ("--set", 'suite.attacks=["decoder"]', "--set", 'suite.test_subset="random:64"', "--set", "suite.decoder.val_split=0.5",
+         "--set", "suite.decoder.batch_size=64")
 SWEEP_ARGS = ("--lams", "0,2", "--seeds", "2", "--subset", "first:128", "--epochs", "1", "--width", "4",
               "--attack-epochs", "1", "--attack-width", "4", "--attack-arch", "codec", "--set", "obfuscator.batch_size=64",
               "--set", 'obfuscator.test_subset="random:64"', *SUITE)

@@ -152,7 +152,8 @@ def attack_cmd(
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder (O, kept frozen)")] = None,
     kind: Annotated[str, typer.Option(help="decoder (trained on pairs) | inversion (white-box on O) | adaptive "
                                            "(own O' from O's recipe)")] = "decoder",
-    arch: Annotated[Optional[str], typer.Option(help="decoder: codec (Table I layout) | unet")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="decoder: unet | codec (Table I layout) | answer (from C's answer "
+                                                    "alone: the label-only decoder)")] = None,
     subset: Annotated[Optional[str], typer.Option(help="training images whose originals the attacker knows")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="decoder: epochs at most (early stopping may end sooner)")] = None,
     width: Annotated[Optional[int], typer.Option(help="decoder width")] = None,
@@ -166,8 +167,9 @@ def attack_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Attack an obfuscator, one run folder: a decoder trained to convergence on (O(x), x) training pairs, white-box
-    inversion of O for each test upload, or the adaptive attack (the attacker trains its own O' by O's recipe)."""
+    """Attack an obfuscator, one run folder: a decoder trained until validation stops improving on (upload, image)
+    training pairs (`--set answer=true`: it also reads C's answer), white-box inversion of O for each test upload, or
+    the adaptive attack (the attacker trains its own O' by O's recipe)."""
     from .config import AdaptiveConfig, AttackConfig, InversionConfig
 
     if kind not in KINDS:
@@ -210,15 +212,17 @@ def attack_cmd(
 def attack_suite_cmd(
     out: OutOpt,
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,
-    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, inversion, decoder+inversion, "
-                                                        "adaptive")] = None,
+    attacks: Annotated[Optional[str], typer.Option(help="comma-separated, of decoder, label-aware, adaptive, "
+                                                        "decoder+inversion, inversion")] = None,
     test_subset: Annotated[Optional[str], typer.Option(help="the test images every row is scored on")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, device: DeviceOpt = "auto",
 ):
-    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table
-    (rerun to continue; finished attacks are reused)."""
+    """Every attack and the reference rows on one obfuscator, on the same test images: suite.json and a table with,
+    per row, PSNR, SSIM, identifiability and convergence, and the leakage beyond the class (rerun to continue;
+    finished rows and the cached uploads are reused)."""
     from .config import SuiteConfig
-    from .privacy.suite import run_suite, suite_rows
+    from .experiments.privacy_table import suite_table
+    from .privacy.suite import run_suite
 
     names = [a.strip() for a in attacks.split(",") if a.strip()] if attacks is not None else None
     cfg = settings(SuiteConfig, config, set_, obfuscator=obfuscator, attacks=names, test_subset=test_subset)
@@ -227,7 +231,7 @@ def attack_suite_cmd(
     which = data_of(obfuscator, None, None)  # the attacked obfuscator's data set
     images = load_dataset(which["dataset"] or "cifar10", data, which["image_size"] or "")
     path = run_suite(cfg, out, device=device, data_root=data, data=images)
-    typer.echo("\n".join(suite_rows(json.loads(path.read_text()))))
+    typer.echo("\n".join(suite_table({"": json.loads(path.read_text())})))
     typer.echo(f"suite: {path}")
 
 
@@ -338,13 +342,15 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="a classifier, obfusca
 
 
 @command("download-data")
-def download_cmd(root: Annotated[Path, typer.Option("--root", help="folder to unpack into (then pass it as --data)")],
+def download_cmd(root: Annotated[Optional[Path], typer.Option("--root", help="folder to unpack into (default: the data "
+                                                                            "root, PRIVOFFLOAD_DATA or .cache/data, where "
+                                                                            "every command looks first)")] = None,
                  layout: Annotated[str, typer.Option(help="CIFAR-10's layout: bin | py")] = "bin",
                  dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | pneumoniamnist | orl")] = "cifar10"):
     """Download a data set's official files (needs internet), check the md5 where one is published, and unpack."""
-    from .data import download_dataset
+    from .data import default_root, download_dataset
 
-    typer.echo(f"wrote {download_dataset(dataset, root, layout)}")
+    typer.echo(f"wrote {download_dataset(dataset, root or default_root(), layout)}")
 
 # ---------------------------------------------------------------- the offload system: cloud and client
 
@@ -359,6 +365,8 @@ def serve_cmd(
     no_auth: Annotated[Optional[bool], typer.Option("--no-auth", help="no tokens (trusted networks only)")] = None,
     ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="PEM certificate: serve https")] = None,
     ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="PEM private key of the certificate")] = None,
+    web: Annotated[Optional[Path], typer.Option("--web", help="serve the browser client at /web/ with the files of "
+                                                              "this folder: obfuscator.onnx [, attack.onnx]")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, device: Annotated[Optional[str], typer.Option("--device")] = None,
 ):
     """Serve the repository's classifiers over the Open Inference Protocol v2 (tokens from PRIVOFFLOAD_TOKEN,
@@ -368,7 +376,7 @@ def serve_cmd(
 
     cfg = settings(ServeConfig, config, set_, repo=repo, host=host, port=port, batch_window_ms=batch_window_ms,
                    serve_weights=serve_weights, no_auth=no_auth, device=device, ssl_certfile=ssl_certfile,
-                   ssl_keyfile=ssl_keyfile)
+                   ssl_keyfile=ssl_keyfile, web=web)
     serve(cfg)
 
 
@@ -378,15 +386,32 @@ def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folde
                 name: Annotated[Optional[str], typer.Option(help="model name (default: DATASET-resnet18)")] = None,
                 signing_key: Annotated[Optional[Path], typer.Option(
                     "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
-    """Add a trained classifier to the repository as the next version (atomically)."""
+    """Add a trained classifier to the repository as the next version (atomically). Publishing serves nothing:
+    an admin load makes a version the served one, on every replica (docs/service.md)."""
     from . import nets
     from .cloud.repository import Repository
+    from .config import model_name
 
     weights = run / "classifier.safetensors" if run.is_dir() else run
-    name = name or f"{nets.read_metadata(weights).get('dataset', 'cifar10').split(':')[0]}-resnet18"
+    if run.is_dir() and not weights.exists() and (run / "obfuscator.safetensors").exists():
+        raise UserError(f"{run} is an obfuscator run, and publish takes a classifier run (the cloud serves the "
+                        f"classifier; the obfuscator stays on the device): publish the classifier it was trained "
+                        f"against ({_trained_against(run)}), and give {run} to clients as `classify --obfuscator`")
+    name = name or model_name(nets.read_metadata(weights).get("dataset", "cifar10"))
     m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
     typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
-               f"{', signed' if signing_key else ''})")
+               f"{', signed' if signing_key else ''}); not served until loaded: POST /v2/repository/models/{m.name}/load "
+               f'with {{"parameters": {{"version": "{m.version}"}}}} on each replica')
+
+
+def _trained_against(run: Path) -> str:
+    """The classifier run an obfuscator run names in its config.toml, for a hint."""
+    try:
+        from .config import ObfuscatorConfig
+
+        return f"`privoffload publish {config_mod.load(ObfuscatorConfig, run / 'config.toml').classifier} --repo ...`"
+    except UserError:
+        return "its config.toml names it"
 
 
 @command("classify")
@@ -394,12 +419,15 @@ def classify_cmd(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG files")],
     server: Annotated[str, typer.Option("--server", help="URL of the cloud, e.g. https://cloud.example:8000")],
     obfuscator: Annotated[Path, typer.Option("--obfuscator", help="obfuscator run folder or .safetensors file")],
-    model: Annotated[str, typer.Option(help="model name on the server")] = "cifar10-resnet18",
+    model: Annotated[Optional[str], typer.Option(help="model name on the server (default: the one the obfuscator's "
+                                                     "data set is published under, DATASET-resnet18)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 30.0,
     ca_cert: Annotated[Optional[Path], typer.Option("--ca-cert", help="CA certificate (PEM) that signed the "
                                                                      "server's, e.g. a self-signed one")] = None,
     allow_http: Annotated[bool, typer.Option("--allow-http", help="send the token over plain http to another "
                                                                   "machine (trusted networks only)")] = False,
+    proxy: Annotated[Optional[str], typer.Option("--proxy", help="HTTP(S) proxy URL to go through (HTTP_PROXY and "
+                                                                 "the like are ignored)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
 ):
@@ -411,7 +439,7 @@ def classify_cmd(
     from .client import Client
 
     with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
-                ca_cert=ca_cert, allow_http=allow_http, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
+                ca_cert=ca_cert, allow_http=allow_http, proxy=proxy, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
                 ldp_clip=ldp_clip) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
@@ -421,6 +449,24 @@ def classify_cmd(
     else:
         for r in rows:
             typer.echo(f"{r['file']}\t{r['label']}\t{r['probability']:.3f}\tversion {r['model_version']}")
+
+
+@command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="an obfuscator run folder (or an attack run, for the browser demo), "
+                                             "or its .safetensors file")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx (ONNX Runtime, the browser) | executorch (.pte, XNNPACK) "
+                                                      "| tflite (LiteRT)")],
+    out: Annotated[Path, typer.Option("--out", help="file to write; FILE.json beside it says what it takes")],
+):
+    """Write the obfuscator as a file that a phone or browser runtime loads; it records the image shape and the
+    weights' sha256. executorch and tflite need extras (`make edge`)."""
+    from .client.export import export
+
+    m = export(run, fmt, out)
+    checked = f", {m['max_abs_diff']} from PyTorch" if "max_abs_diff" in m else ", not run: no runtime here"
+    typer.echo(f"wrote {out} ({m['format']}: {m['kind']} {m['arch']} width {m['width']}, images {m['image']}, "
+               f"{int(m['bytes']):,} bytes, {m['seconds']} s{checked}; sha256 {m['sha256'][:16]}...)")
 
 
 @command("reproduce")

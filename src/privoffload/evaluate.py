@@ -16,7 +16,8 @@ from .config import AttackConfig, ObfuscatorConfig
 from . import ldp
 from .data import DeviceData, load_dataset, parse_subset, select
 from .errors import UserError
-from .metrics import accuracy, obfuscation_scores, reconstruction_quality
+from .metrics import accuracy, obfuscation_scores, pair_quality
+from .privacy.uploads import cloud_view
 from .runs import load_attacker, load_classifier, load_codec, run_dataset
 from .runtime import frozen, pick_device, use_bf16
 
@@ -54,9 +55,10 @@ def evaluate_run(run: str | Path, data_root: str | Path | None = None, device: s
                                          deobf=frozen(load_codec(run, "deobfuscator", device=dev)), bf16=bf16,
                                          noise=noise))
     else:
-        cfg = config_mod.load(AttackConfig, run / "config.toml")
-        psnr, ssim = reconstruction_quality(frozen(load_attacker(run, dev)), frozen(load_codec(cfg.obfuscator, device=dev)),
-                                            test, bf16=bf16, noise=noise)
+        cfg = config_mod.load(AttackConfig, run / "config.toml")  # scored on the uploads as its training cached them
+        pairs = test.paired(*cloud_view(run / "uploads", cfg.obfuscator, data, test_subset, answers=cfg.reads_answer,
+                                        seed=seed, split="test", bf16=bf16, device=dev))
+        psnr, ssim = pair_quality(frozen(load_attacker(run, dev)), pairs, bf16=bf16, noise=noise)
         result.update(attacker_psnr_db=psnr, attacker_ssim=ssim)
     result["images"] = len(test)
     return result

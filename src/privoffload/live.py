@@ -33,7 +33,7 @@ from .cloud.app import create_app
 from .cloud.auth import Tokens
 from .cloud.repository import Repository, new_key_pair
 from .cloud.server import uvicorn_config
-from .config import DriftConfig, ServeConfig
+from .config import DriftConfig, ServeConfig, model_name
 from .data import select
 from .experiments.stage import Seed
 from .experiments.stages.live import COMPATIBLE_UPDATE, LiveConfig
@@ -86,7 +86,7 @@ def hot_swap_stage(live: LiveConfig, out: Path, seed: Seed) -> None:
     for name, update in swaps:
         if (seed.folder / name / "obfuscator.safetensors").exists() and is_done(seed.folder / update):
             record = swap_once(seed.folder, name, out, x_test, y_test, x_own, y_own, live,
-                               model=f"{seed.protocol.dataset.split(':')[0]}-resnet18", update=update)
+                               model=model_name(seed.protocol.dataset), update=update)
             run.log(record)
             print(f"live {name} -> {update}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
                   f"after the automatic re-sync {record['after_resync']:.4f}", flush=True)
@@ -94,7 +94,7 @@ def hot_swap_stage(live: LiveConfig, out: Path, seed: Seed) -> None:
 
 
 def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.ndarray, x_own: np.ndarray,
-              y_own: np.ndarray, live: LiveConfig, model: str = "cifar10-resnet18", update: str = "drift") -> dict:
+              y_own: np.ndarray, live: LiveConfig, model: str = model_name("cifar10"), update: str = "drift") -> dict:
     """One client, one swap: C0 serving, classify; publish and load the update (the classifier run `update` of the
     seed folder), classify; re-sync, classify."""
     work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))

@@ -17,7 +17,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from typing import Callable
 
-from .data import DeviceData, quantize8
+from . import nets
+from .data import DeviceData, PairedData, quantize8
 from .runtime import Dist, autocast
 
 Noise = Callable[[torch.Tensor], torch.Tensor]  # local-DP noise on O(x) before the 8-bit rounding (ldp.Noisy)
@@ -143,6 +144,23 @@ def reconstruction_quality(deobf: nn.Module, obf: nn.Module, data: DeviceData, *
             with autocast(data.device, bf16):
                 z = obf(xb).float()
                 rec = deobf(quantize8(z if noise is None else noise(z)))
+            psnr, ssim = psnr_ssim(rec, xb)
+            sums.add(len(xb), psnr=psnr, ssim=ssim)
+    m = sums.means(dist)
+    return m["psnr"], m["ssim"]
+
+
+@torch.no_grad()
+def pair_quality(decoder: nn.Module, data: PairedData, *, bf16: bool = False, batch_size: int = EVAL_BATCH,
+                 dist: Dist = Dist(), noise: Noise | None = None) -> tuple[float, float]:
+    """Mean per-image (PSNR in dB, SSIM) of what `decoder` rebuilds from the cached uploads of `data` (and C's
+    answers, for a decoder that reads them; `nets.decode`) against its images. With `noise`, drawn on the uploads
+    and rounded to 8 bits again. The decoder runs in eval mode, the scores in fp32."""
+    sums = _Sums(("psnr", "ssim"), data.device)
+    with _EvalMode(decoder):
+        for xb, _, upload, answer in data.batches(batch_size, rank=dist.rank, world=dist.world):
+            with autocast(data.device, bf16):
+                rec = nets.decode(decoder, upload if noise is None else quantize8(noise(upload)), answer)
             psnr, ssim = psnr_ssim(rec, xb)
             sums.add(len(xb), psnr=psnr, ssim=ssim)
     m = sums.means(dist)

@@ -75,3 +75,23 @@ class ServeProcess:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         _, self.logs = self.proc.communicate(timeout=30)
+
+
+class Recorder:
+    """ASGI middleware that keeps (path, headers, body) of every request the server receives, as it receives it."""
+
+    def __init__(self, app, bodies: list):
+        self.app, self.bodies = app, bodies
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks = []
+
+        async def recording():
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            return message
+
+        await self.app(scope, recording, send)
+        self.bodies.append((scope["path"], dict((k.decode(), v.decode()) for k, v in scope["headers"]), b"".join(chunks)))

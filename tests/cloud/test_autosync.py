@@ -168,3 +168,28 @@ def test_a_failed_resync_keeps_its_reason_and_the_answer_and_is_tried_again(tmp_
             client.classify(x)
         assert [e["event"] for e in events(state)][5:] == ["resync started", "resync finished"]
     assert nets.read_metadata(state / "obfuscator.safetensors")["model_version"] == "2"
+
+
+def test_a_resync_that_fails_to_save_keeps_its_reason_and_the_answer(tmp_path, weights, cifar, keys):
+    """Saving the re-synced obfuscator fails with an OSError (here: the backup's name is taken by a folder): the
+    user's call still gets its answer, the drift signal is kept, and the re-sync succeeds once saving works."""
+    private, public = keys
+    repo = make_repo(tmp_path / "repo", [weights["fitted"]], signing_key=private)
+    state = tmp_path / "client"
+    client_folder(state, weights, cifar)
+    (state / "obfuscator.previous.safetensors").mkdir()  # os.replace onto a folder: IsADirectoryError
+    x = cifar.x_test[:8]
+    cfg = ResyncConfig(mode="white-box", steps=2, batch_size=32, eval_every=2)
+    with serve(repo, serve_weights=True) as server, \
+            AutoSyncClient(server.url, state, cifar.x_train[:64], cifar.y_train[:64], resync_cfg=cfg, token=TOKEN,
+                           publisher_key=public, drift=DriftConfig(retry_after_calls=1)) as client:
+        client.classify(x)
+        hot_swap(server, repo, weights["c2"], signing_key=private)
+        assert client.classify(x).model_version == "2"  # answered, with the stale obfuscator
+        assert [e["event"] for e in events(state)][-1] == "resync failed"
+        assert "Is a directory" in events(state)[-1]["error"] and client.resyncs == []
+        (state / "obfuscator.previous.safetensors").rmdir()
+        for _ in range(2):
+            client.classify(x)
+    assert [e["event"] for e in events(state)][-2:] == ["resync started", "resync finished"]
+    assert nets.read_metadata(state / "obfuscator.safetensors")["model_version"] == "2"

@@ -22,11 +22,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ..helpers import free_port
-from .cloud_helpers import ADMIN, MODEL, TOKEN, LiveServer, auth, make_repo, serve
+from .cloud_helpers import ADMIN, MODEL, TOKEN, LiveServer, Recorder, auth, make_repo, serve
 from privoffload import nets, oip
 from privoffload.cli import app as cli
 from privoffload.client import (AuthError, BadServer, Client, RequestRejected, ServerUnavailable, load_obfuscator,
                                 quantize)
+from privoffload.cloud.repository import Repository
 from privoffload.data import DeviceData
 from privoffload.errors import UserError
 from privoffload.metrics import obfuscation_scores
@@ -59,26 +60,6 @@ def test_accuracy_over_http_equals_offline_evaluation(tmp_path, weights, cifar):
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-4)
 
 
-class Recorder:
-    """ASGI middleware that keeps every request body the server receives, as the server receives it."""
-
-    def __init__(self, app, bodies: list):
-        self.app, self.bodies = app, bodies
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        chunks = []
-
-        async def recording():
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            return message
-
-        await self.app(scope, recording, send)
-        self.bodies.append((dict((k.decode(), v.decode()) for k, v in scope["headers"]), b"".join(chunks)))
-
-
 @pytest.mark.parametrize("binary", [True, False])
 def test_raw_images_never_leave_the_client(repo, weights, cifar, binary):
     x = cifar.x_test[:8]
@@ -87,7 +68,7 @@ def test_raw_images_never_leave_the_client(repo, weights, cifar, binary):
     server.app.add_middleware(Recorder, bodies=bodies)
     with server, Client(server.url, weights["obfuscator"], token=TOKEN, binary=binary) as client:
         client.classify(x)
-    (headers, body), = bodies
+    (_, headers, body), = bodies
     head, tail = oip.split_body(body, headers.get(oip.HEADER_LENGTH.lower()))
     (spec,) = head["inputs"]
     received, _ = oip.read_tensor(spec, tail, 0)
@@ -106,6 +87,8 @@ def test_version_hook_is_called_when_the_cloud_changes_its_model(repo, weights, 
         assert client.classify(cifar.x_test[:2]).model_version == "1" and client.last_version == "1"
         client.classify(cifar.x_test[:2])
         assert seen == [("2", "1")]
+        assert httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={"parameters": {"version": 2}},
+                          headers=auth(ADMIN)).status_code == 200  # back to 2: the record outlives this server
     with serve(repo) as server, Client(server.url, lambda a: a / 255.0, token=TOKEN, model_version="7",
                                        on_version_change=lambda old, new: seen.append((old, new))) as client:
         client.classify(cifar.x_test[:1])  # a client that knows the version its obfuscator was made for
@@ -301,7 +284,7 @@ def test_the_client_survives_a_hostile_server(weights, cifar):
 
         hostile.script = [(200, {}, b"weights without a hash")]
         with pytest.raises(BadServer, match="X-Model-Sha256"):
-            client.download_weights("1", Path(tempfile.mkdtemp()) / "w")
+            client.download_weights("1", Path(tempfile.mkdtemp()) / "w", unsigned=True)
 
         async def endless():  # 16 MiB, far past what the client takes
             for _ in range(16):
@@ -310,5 +293,29 @@ def test_the_client_survives_a_hostile_server(weights, cifar):
         target = Path(tempfile.mkdtemp()) / "w"
         hostile.script = [(200, {"x-model-sha256": "0" * 64}, endless)]
         with Client(server.url, obf, token=TOKEN, max_download_mb=2) as capped, pytest.raises(BadServer, match="more than"):
-            capped.download_weights("1", target)
+            capped.download_weights("1", target, unsigned=True)
         assert not target.exists() and not list(target.parent.iterdir())  # nothing half-written is left
+
+
+def test_the_model_name_and_classes_follow_the_obfuscators_data_set(tmp_path):
+    """A grey two-class classifier of PneumoniaMNIST, published without --name, is served as pneumoniamnist-resnet18;
+    a client given an obfuscator run of that data set finds it without being told the name, and takes its class
+    count and names from the served model. Publishing the obfuscator run instead says what publish takes."""
+    image = {"channels": 1, "size": (32, 32)}
+    torch.manual_seed(0)
+    nets.save(nets.build("resnet18", 4, **image, num_classes=2, mean=(0.5,), std=(0.25,)), tmp_path / "c.safetensors",
+              classes=json.dumps(["normal", "pneumonia"]), dataset="pneumoniamnist")
+    run = tmp_path / "o"
+    run.mkdir()
+    nets.save(nets.build("codec", 4, **image), run / "obfuscator.safetensors")
+    (run / "config.toml").write_text(f'dataset = "pneumoniamnist"\nclassifier = "{tmp_path / "c"}"\n')
+    runner = CliRunner()
+    wrong = runner.invoke(cli, ["publish", str(run), "--repo", str(tmp_path / "repo")])
+    assert wrong.exit_code == 2 and "publish takes a classifier run" in wrong.output and wrong.output.count("\n") == 1
+    done = runner.invoke(cli, ["publish", str(tmp_path / "c.safetensors"), "--repo", str(tmp_path / "repo")])
+    assert done.exit_code == 0 and "published pneumoniamnist-resnet18 version 1" in done.output, done.output
+    with serve(Repository(tmp_path / "repo")) as server, Client(server.url, run, token=TOKEN) as client:
+        assert client.model == "pneumoniamnist-resnet18"
+        result = client.classify(np.zeros((3, 1, 32, 32), np.uint8))
+        assert result.probabilities.shape == (3, 2) and set(result.labels) <= {"normal", "pneumonia"}
+        assert client.send(np.zeros((0, 1, 32, 32), np.uint8)).probabilities.shape == (0, 2)

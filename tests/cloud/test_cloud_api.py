@@ -38,6 +38,10 @@ def test_health_is_open_and_the_rest_needs_a_token(live):
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "error" in r.json()
     meta = httpx.get(f"{live.url}/v2", headers=auth()).json()
     assert meta["name"] == "privoffload" and {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
+    assert httpx.get(f"{live.url}/openapi.json").status_code == 401  # the schema is behind the token too
+    assert httpx.get(f"{live.url}/openapi.json", headers=auth()).json()["info"]["title"] == "privoffload cloud"
+    assert httpx.get(f"{live.url}/docs").status_code == 404
+    assert httpx.get(f"{live.url}/v2/models/%2E%2E/versions/1", headers=auth()).status_code == 404  # no model above
 
 
 def test_tritonclient_lists_queries_and_classifies(live, cifar, weights):

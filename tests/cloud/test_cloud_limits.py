@@ -17,18 +17,19 @@ from .cloud_helpers import ADMIN, MODEL, TOKEN, ServeProcess, auth, make_repo, s
 from privoffload import oip
 
 
-def wave(url: str, infer: str, body: bytes, headers: dict) -> tuple[list[float], list]:
-    """8 clients post `body` at once; the health probe is timed every 20 ms until all 8 are answered."""
-    statuses, start = [], threading.Barrier(9)
+def wave(url: str, infer: str, body: bytes, headers: dict, clients: int = 8) -> tuple[list[float], list]:
+    """`clients` post `body` at once; the health probe is timed every 20 ms until all are answered."""
+    statuses, start = [], threading.Barrier(clients + 1)
 
     def post():
-        start.wait()
-        try:
-            statuses.append(httpx.post(infer, content=body, headers=headers, timeout=120).status_code)
-        except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
-            statuses.append(type(e).__name__)
+        with httpx.Client(timeout=120) as client:  # made before the start: making one holds the GIL for a while
+            start.wait()
+            try:
+                statuses.append(client.post(infer, content=body, headers=headers).status_code)
+            except httpx.HTTPError as e:  # the server may close a refused upload before it is all sent
+                statuses.append(type(e).__name__)
 
-    threads = [threading.Thread(target=post) for _ in range(8)]
+    threads = [threading.Thread(target=post) for _ in range(clients)]
     for t in threads:
         t.start()
     latencies = []
@@ -42,36 +43,45 @@ def wave(url: str, infer: str, body: bytes, headers: dict) -> tuple[list[float],
     return latencies, statuses
 
 
-def test_the_health_probe_stays_fast_while_eight_maximal_bodies_are_in_flight(tmp_path, weights):
-    """8 clients post maximal bodies at once, twice; the health probe, timed every 20 ms meanwhile, stays fast.
+def json_pixels(images: int, value: bytes, separator: bytes) -> bytes:
+    """A JSON inference body of `images` images, every pixel `value`, each followed by `separator`."""
+    return (b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [%d, 3, 32, 32], "data": [' % images
+            + (value + separator) * (images * 3072 - 1) + value + b"]}]}")
 
-    Two kinds of maximal: the largest body the inference route took before (16 MiB of JSON pixels, which held
-    the event loop for a second or more), now refused on its Content-Length; and the largest it takes now (256
-    images of JSON UINT8 pixels, about 4 MB), parsed one at a time off the event loop, then classified. The
-    server is the real command in its own process, as in production. The median must stay under 100 ms, and at
-    most a tenth of the probes may exceed it, so that one descheduling of this shared machine cannot fail the
-    test; before the bounds, most probes of a wave took from 0.1 to several seconds.
+
+def test_the_health_probe_stays_fast_while_maximal_json_bodies_are_parsed(tmp_path, weights):
+    """Clients post JSON bodies at once while the health probe is timed every 20 ms; its 90th percentile must stay
+    within 4x of what it is while the same images arrive as binary tensors (a baseline measured here, under the same
+    forward passes), so that parsing JSON adds no stall of its own, whatever the machine's load.
+
+    The JSON loads: 8 bodies at the inference route's real limit (256 images, 4.8 MB: each held the event loop's
+    GIL for about 100 ms when parsed in a thread, and pushed the probe to 200-500 ms), and 64 bodies just under
+    256 KiB (once parsed on the event loop itself: 1.3 s in all). The 90th percentile, because a stall hits the
+    probes sent while bodies are parsed, a minority of a wave that mostly waits for forward passes. The server is
+    the real command in its own process, as in production.
     """
     repo = make_repo(tmp_path / "repo", [weights["c1"]])
-    old_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
-                                      "data": [255] * ((16 * 2**20 - 200) // 5)}]}).encode()
-    new_max = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [256, 3, 32, 32],
-                                      "data": [255] * (256 * 3072)}]}).encode()
-    assert 16 * 2**20 * 0.99 < len(old_max) <= 16 * 2**20 and 3.5e6 < len(new_max) < 4e6
+    maximal = json_pixels(256, b"255", b" , ")
+    small = json_pixels(42, b"0", b",")
+    assert 4.7e6 < len(maximal) <= 256 * 3072 * 6 + 64 * 1024 and 250 * 1024 < len(small) < 256 * 1024
+    binary_body, binary_headers = binary(np.full((256, 3, 32, 32), 255, np.uint8))
     headers = {**auth(), "Content-Type": "application/json"}
-    with ServeProcess(repo.root, "--set", "threads=1", "--set", "log_level=warning", "--set", "max_queue_images=2048") as server:
+    loads = {"binary, 8 x 256 images (baseline)": (binary_body, binary_headers, 8),
+             "JSON, 8 x 4.8 MB": (maximal, headers, 8), "JSON, 64 x 255 KiB": (small, headers, 64)}
+    with ServeProcess(repo.root, "--set", "threads=1", "--set", "log_level=warning", "--set", "max_queue_images=4096") as server:
         infer = f"{server.url}/v2/models/{MODEL}/infer"
-        results = {name: [wave(server.url, infer, body, headers) for _ in range(2)]
-                   for name, body in (("16 MiB", old_max), ("4 MB", new_max))}
+        results = {name: [wave(server.url, infer, body, h, n) for _ in range(2)] for name, (body, h, n) in loads.items()}
+    p90 = {}
     for name, waves in results.items():
         latencies = [ms for lat, _ in waves for ms in lat]
         statuses = [s for _, st in waves for s in st]
-        slow = sum(ms > 100 for ms in latencies)
-        print(f"\nhealth probe under 8 x {name} bodies: {len(latencies)} probes, median {statistics.median(latencies):.1f} ms, "
-              f"max {max(latencies):.1f} ms, {slow} over 100 ms; answers {sorted(set(map(str, statuses)))}")
-        assert statistics.median(latencies) < 100 and slow <= len(latencies) // 10, (name, latencies)
-    assert 200 not in [s for _, st in results["16 MiB"] for s in st]  # refused (413, or cut while sending)
-    assert [s for _, st in results["4 MB"] for s in st] == [200] * 16  # parsed and classified meanwhile
+        p90[name] = float(np.percentile(latencies, 90))
+        print(f"\nhealth probe under {name}: {len(latencies)} probes, median {statistics.median(latencies):.1f} ms, "
+              f"p90 {p90[name]:.1f} ms, max {max(latencies):.1f} ms")
+        assert statuses == [200] * len(statuses), statuses
+    baseline = p90["binary, 8 x 256 images (baseline)"]
+    for name in ("JSON, 8 x 4.8 MB", "JSON, 64 x 255 KiB"):
+        assert p90[name] <= 4 * baseline, (name, p90[name], baseline)
 
 
 def test_index_and_load_take_only_small_json_bodies(live):

@@ -9,9 +9,11 @@ import resource
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +23,7 @@ from .cloud_helpers import ADMIN, MODEL, ServeProcess, auth
 from privoffload import nets
 from privoffload.cli import app as cli
 from privoffload.cloud.repository import MANIFEST, WEIGHTS, Repository, sha256_of
-from privoffload.cloud.store import ModelStore
+from privoffload.cloud.dataplane import DataPlane
 from privoffload.data import CLASSES
 from privoffload.errors import UserError
 
@@ -71,14 +73,22 @@ def test_publish_refuses_what_the_cloud_cannot_serve(tmp_path, weights):
 
 def test_start_loads_the_newest_version_that_verifies(tmp_path, weights):
     with pytest.raises(UserError, match="no loadable model"):
-        ModelStore.open(Repository(tmp_path / "empty"), torch.device("cpu"))
+        DataPlane.open(Repository(tmp_path / "empty"), torch.device("cpu"))
     repo = Repository(tmp_path / "repo")
     for f in (weights["c1"], weights["c2"], weights["c3"]):
         repo.publish(f, MODEL)
-    assert ModelStore.open(repo, torch.device("cpu")).current[MODEL].version == 3
+    assert repo.served(MODEL) is None  # publishing serves nothing
+    assert DataPlane.open(repo, torch.device("cpu")).serving(MODEL).version == 3
+    assert repo.served(MODEL) == 3  # the first start records what it serves
     repo.weights_path(MODEL, 3).write_bytes(repo.weights_path(MODEL, 3).read_bytes()[:-10])  # truncated
-    store = ModelStore.open(repo, torch.device("cpu"))
-    assert store.current[MODEL].version == 2 and "damaged" in store.failures[(MODEL, 3)]
+    plane = DataPlane.open(repo, torch.device("cpu"))
+    assert plane.serving(MODEL).version == 2 and "damaged" in reasons(plane)[3]
+    repo.publish(weights["c1"], MODEL)  # version 4: newer than the record, never served unless loaded
+    assert DataPlane.open(repo, torch.device("cpu")).serving(MODEL).version == 2
+
+
+def reasons(plane: DataPlane) -> dict[int, str]:
+    return {int(e["version"]): e["reason"] for e in plane.index()}
 
 
 def bound_by_file_modes() -> dict:
@@ -168,5 +178,52 @@ def test_hostile_weights_are_refused_before_anything_is_built(tmp_path, weights)
     shutil.copyfile(files["a width of 4096 in 116 bytes"], version / WEIGHTS)
     manifest = json.loads((tmp_path / "served" / MODEL / "1" / MANIFEST).read_text())
     (version / MANIFEST).write_text(json.dumps({**manifest, "version": 2, "width": 4096, "sha256": sha256_of(version / WEIGHTS)}))
-    store = ModelStore.open(repo, torch.device("cpu"))
-    assert store.current[MODEL].version == 1 and "width '4096'" in store.failures[(MODEL, 2)]
+    plane = DataPlane.open(repo, torch.device("cpu"))
+    assert plane.serving(MODEL).version == 1 and "width '4096'" in reasons(plane)[2]
+
+
+def test_a_file_whose_tensors_do_not_fit_its_bytes_is_refused_before_anything_is_built(tmp_path):
+    """An 11 KB file whose header lists every tensor of a width-512 ResNet18 (3 GB of weights) with data offsets
+    past its end: refused from the header, without building the network."""
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in nets.resnet18(512).state_dict().items()}
+    header, offset = {"__metadata__": {"arch": "resnet18", "width": "512"}}, 0
+    for key, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    path = tmp_path / "claims-512.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(64))
+    assert path.stat().st_size < 16_000
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match="claims-512"):
+        nets.load(path)
+    result = CliRunner().invoke(cli, ["publish", str(path), "--repo", str(tmp_path / "repo")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024 < 100  # MB: nothing was built
+
+
+def test_publish_under_a_strict_umask_and_after_a_killed_publish(tmp_path, weights):
+    """Under umask 077 every folder publish makes is still 0755 (a server running as another user reads it);
+    `..` is no model name; a `.publish-*` folder left by a publish that died an hour ago is removed, a fresh one
+    (a publish in progress) is not."""
+    old = os.umask(0o077)
+    try:
+        repo = Repository(tmp_path / "new" / "repo")
+        repo.publish(weights["c1"], MODEL)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "new", repo.root, repo.root / MODEL, repo.root / MODEL / "1"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    (tmp_path / "new" / "1").mkdir()  # a version-like folder one level above the repository
+    (tmp_path / "new" / "1" / MANIFEST).write_text("{}")
+    assert repo.versions("..") == [] and repo.names() == [MODEL]
+    with pytest.raises(UserError, match="model name"):
+        repo.manifest_text("..", 1)
+    stale, fresh = repo.root / MODEL / ".publish-dead", repo.root / MODEL / ".publish-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    repo.publish(weights["c2"], MODEL)
+    assert not stale.exists() and fresh.exists()

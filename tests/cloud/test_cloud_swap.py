@@ -96,7 +96,7 @@ def test_the_batching_worker_is_watched_and_the_host_checked_without_tokens(tmp_
     repo = make_repo(tmp_path / "repo", [weights["c1"]])
     with serve(repo, tokens=Tokens(None, None)) as server:
         assert serving(server) == "1"
-        batcher = server.app.state.store.batchers[MODEL]
+        batcher = server.app.state.plane.batchers[MODEL]
         dead = batcher.task
         dead.get_loop().call_soon_threadsafe(dead.cancel)  # the worker dies (as a bug would kill it)
         deadline = time.monotonic() + 10

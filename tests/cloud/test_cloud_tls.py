@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import threading
 from types import SimpleNamespace
 
 import httpx
@@ -124,3 +126,76 @@ def test_downloaded_weights_must_carry_the_publishers_signature(tmp_path, weight
         with Client(server.url, weights["obfuscator"], token=TOKEN, publisher_key=public) as client:
             with pytest.raises(BadServer, match="not signed"):
                 client.download_weights("2", tmp_path / "w6")
+
+
+class Recorder:
+    """A loopback server that records the request heads it gets and answers 502: a proxy that reads everything."""
+
+    def __init__(self):
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    head = b""
+                    while b"\r\n\r\n" not in head:  # the whole head, however the network cut it
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        head += chunk
+                    self.heads.append(head)
+                    conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+
+def test_proxy_settings_are_ignored_unless_given_and_the_http_rule_covers_the_proxy(tmp_path, weights, cifar, monkeypatch):
+    """With HTTP_PROXY set, the token does not go to the proxy: the client goes direct unless told to use one, and a
+    proxy it is told to use over plain http must be on this machine, like the server."""
+    repo = make_repo(tmp_path / "repo", [weights["c1"]])
+    proxy = Recorder()
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with serve(repo) as server:
+        with Client(server.url, weights["obfuscator"], token=TOKEN, retries=0) as client:
+            assert client.classify(cifar.x_test[:1]).model_version == "1"
+        assert proxy.heads == []  # nothing went through the proxy, least of all the token
+        with Client(server.url, weights["obfuscator"], token=TOKEN, retries=0, proxy=proxy.url) as client:
+            with pytest.raises(ClientError):
+                client.classify(cifar.x_test[:1])
+        assert len(proxy.heads) == 1 and TOKEN.encode() in proxy.heads[0], proxy.heads  # told to: it went there
+    with pytest.raises(ClientError, match="through the proxy .* plain http"):  # the proxy would read the token
+        Client("http://127.0.0.1:8000", weights["obfuscator"], token=TOKEN, proxy="http://192.0.2.1:3128")
+    # to an https server the proxy only relays a tunnel it cannot read (nothing is sent here: no request is made)
+    Client("https://cloud.example:8443", weights["obfuscator"], token=TOKEN, proxy="http://192.0.2.1:3128").close()
+    proxy.sock.close()
+
+
+def test_rollbacks_below_the_minimum_version_and_unsigned_weights_are_refused(tmp_path, weights, cifar, keys):
+    """A server that serves an older signed version than the client accepts (min_version) is refused, answers and
+    weights alike; without the publisher's key, weights are refused unless the caller trusts the server's hash."""
+    private, public = keys
+    repo = make_repo(tmp_path / "repo", [weights["c1"], weights["c2"]], signing_key=private)
+    with serve(repo, serve_weights=True) as server:
+        assert httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load", json={"parameters": {"version": 1}},
+                          headers=auth("admin-token-for-the-tests"), timeout=60).status_code == 200
+        with Client(server.url, weights["obfuscator"], token=TOKEN, publisher_key=public, min_version=2) as client:
+            with pytest.raises(BadServer, match="older than version 2"):
+                client.classify(cifar.x_test[:1])
+            with pytest.raises(BadServer, match="older than version 2"):
+                client.download_weights("1", tmp_path / "w1")
+        with Client(server.url, weights["obfuscator"], token=TOKEN) as client:
+            with pytest.raises(ClientError, match="nobody signed"):
+                client.download_weights("1", tmp_path / "w2")
+            assert client.download_weights("1", tmp_path / "w3", unsigned=True).read_bytes() == weights["c1"].read_bytes()

@@ -6,9 +6,13 @@ cloud retrained its classifier, and the obfuscator may need re-syncing (client/d
 client/resync.py does it; `download_weights` fetches a version's weights where the cloud publishes them).
 
 It trusts the server with nothing it cannot check: the token goes over plain http only to this
-machine (or when told to), answers are read with a size cap and a deadline and must be the
-protocol's tensors with a plain version number, and downloaded weights must match the manifest
-the publisher signed (with `publisher_key`), whatever server or proxy sent them.
+machine (or when told to), to the server and to a proxy alike; proxy settings in the environment are
+ignored (a proxy is used only when given); answers are read with a size cap and a deadline and must be
+the protocol's tensors with a plain version number, no older than `min_version`; and downloaded weights
+must match the manifest the publisher signed (with `publisher_key`), whatever server or proxy sent them.
+Without the key, weights are refused unless the caller says it trusts the server's own hash (`unsigned`).
+The model's name defaults to the one its obfuscator's data set is published under (`config.model_name`);
+its class count and names come from the served model (its metadata and answers), never from here.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .. import ldp, oip
+from ..config import model_name
 from ..errors import UserError
 from ..runtime import atomic_path
 from .images import read_images
-from .obfuscator import Obfuscate, load_obfuscator, quantize, shape_of
+from .obfuscator import Obfuscate, dataset_of, load_obfuscator, quantize, shape_of
 
-DEFAULT_MODEL = "cifar10-resnet18"
+DEFAULT_MODEL = model_name("cifar10")  # for an obfuscator given as a function, which names no data set
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_RETRY_AFTER = 60.0  # seconds; a server asking for longer is waited for this long
@@ -118,17 +123,21 @@ def load_publisher_key(path: str | Path) -> Ed25519PublicKey:
 class Client:
     """`Client(url, obfuscator=RUN)`; then `classify(images)` or `classify_files(paths)`.
 
+    `model`: the model's name on the server (default: the obfuscator's data set's, `config.model_name`).
     `ca_cert`: the CA (PEM) that signed the server's certificate, for a private or self-signed one.
-    `allow_http`: send the token over plain http to another machine. `publisher_key`: the PEM public key
-    whose signature downloaded weights must carry. `uploaded` counts the images sent, retries included.
+    `allow_http`: send the token over plain http to another machine. `proxy`: an HTTP(S) proxy URL to go
+    through (the environment's HTTP_PROXY and the like are ignored). `publisher_key`: the PEM public key
+    whose signature downloaded weights must carry. `min_version`: answers and weights of an older version
+    of the model are refused (a server rolled back, or one replaying an old signed version).
+    `uploaded` counts the images sent, retries included.
     """
 
     def __init__(self, server: str, obfuscator: str | Path | Obfuscate, *, token: str | None = None,
-                 model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 3, backoff: float = 0.25,
+                 model: str | None = None, timeout: float = 30.0, retries: int = 3, backoff: float = 0.25,
                  binary: bool = True, images_per_request: int = 256, model_version: str | None = None,
                  on_version_change: VersionHook | None = None, ca_cert: str | Path | None = None,
-                 allow_http: bool = False, publisher_key: str | Path | None = None, max_download_mb: float = 512.0,
-                 transport: httpx.BaseTransport | None = None, ldp_epsilon: float = float("inf"),
+                 allow_http: bool = False, proxy: str | None = None, publisher_key: str | Path | None = None,
+                 min_version: int = 0, max_download_mb: float = 512.0, ldp_epsilon: float = float("inf"),
                  ldp_delta: float = 1e-5, ldp_clip: float = 0.0):
         try:
             url = httpx.URL(server)
@@ -140,8 +149,12 @@ class Client:
         if token and url.scheme == "http" and not is_loopback(url.host) and not allow_http:
             raise ClientError(f"refusing to send the token to {server} over plain http, where anyone on the way can "
                               f"read it; use https, or allow_http (--allow-http) on a network you trust")
+        if proxy is not None:
+            check_proxy(proxy, url, bool(token), allow_http)
         self.publisher_key = load_publisher_key(publisher_key) if publisher_key else None
+        self.min_version = min_version
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
+        model = model or (DEFAULT_MODEL if callable(obfuscator) else model_name(dataset_of(obfuscator)))
         # local DP (opt-in): every upload clipped and noised, fresh noise from the OS's entropy; inf = none
         mech = ldp.mechanism(ldp_epsilon, ldp_delta, shape_of(self.obfuscate), ldp_clip)
         self.noise = ldp.Noisy(mech) if mech else None
@@ -154,7 +167,8 @@ class Client:
         self.on_version_change = on_version_change
         self.uploaded = 0
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(timeout=timeout, headers=headers, transport=transport, verify=_trust(ca_cert))
+        # trust_env=False: no HTTP_PROXY (the token would go to whoever it names), no netrc, no SSL_CERT_FILE
+        self.http = httpx.Client(timeout=timeout, headers=headers, verify=_trust(ca_cert), proxy=proxy, trust_env=False)
 
     def close(self) -> None:
         self.http.close()
@@ -184,18 +198,47 @@ class Client:
         """Upload already-obfuscated uint8 pixels [N, C, H, W], in requests of `images_per_request`.
 
         `on_upload(images, attempt)` is called before every upload, retries included (a query budget)."""
+        if len(pixels) == 0:  # nothing to upload: the served model's metadata says how many classes there would be
+            return Result(np.zeros(0, np.int64), [], np.zeros((0, self.class_count()), np.float32), [])
         parts = [self._infer(pixels[i:i + self.images_per_request], on_upload)
                  for i in range(0, len(pixels), self.images_per_request)]
-        return Result(np.concatenate([p.classes for p in parts] or [np.zeros(0, np.int64)]),
-                      [lab for p in parts for lab in p.labels],
-                      np.concatenate([p.probabilities for p in parts] or [np.zeros((0, 10), np.float32)]),
-                      [v for p in parts for v in p.versions])
+        return Result(np.concatenate([p.classes for p in parts]), [lab for p in parts for lab in p.labels],
+                      np.concatenate([p.probabilities for p in parts]), [v for p in parts for v in p.versions])
 
-    def download_weights(self, version: str, path: str | Path) -> Path:
+    def metadata(self) -> dict:
+        """The served model's metadata (Open Inference Protocol): its version, inputs and outputs."""
+        url = f"{self.server}/v2/models/{self.model}"
+        try:
+            with self.http.stream("GET", url) as response:
+                reply = self._check(self._read(response, 64 * 1024, self.timeout), url)
+            meta = json.loads(reply.content)
+            if not isinstance(meta, dict) or not isinstance(meta.get("outputs"), list):
+                raise ValueError("no outputs")
+            return meta
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"cannot reach {self.server} ({type(e).__name__}: {str(e)[:80]})") from None
+        except ValueError as e:
+            raise BadServer(f"{self.server} sent no model metadata ({str(e)[:80]})") from None
+
+    def class_count(self) -> int:
+        """How many classes the served model tells apart (its `probabilities` output's second dimension)."""
+        for out in self.metadata()["outputs"]:
+            shape = out.get("shape") if isinstance(out, dict) else None
+            if out.get("name") == "probabilities" and isinstance(shape, list) and len(shape) == 2 \
+                    and oip.is_int(shape[1]) and shape[1] > 0:
+                return shape[1]
+        raise BadServer(f"{self.server}'s metadata of {self.model} has no probabilities output [N, classes]")
+
+    def download_weights(self, version: str, path: str | Path, unsigned: bool = False) -> Path:
         """Fetch a version's classifier weights (safetensors) into `path`, atomically and durably, streamed
-        with a size cap. Their sha256 must be the one the publisher signed (with `publisher_key`), or else at
-        least the one announced in the answer's X-Model-Sha256."""
+        with a size cap. Their sha256 must be the one the publisher signed (with `publisher_key`). Without the
+        key they are refused, unless `unsigned`: then the sha256 is the one the server itself announces
+        (X-Model-Sha256), which catches damage on the way and nothing else: whoever answers chose both."""
         version = self._version(version)
+        if self.publisher_key is None and not unsigned:
+            raise ClientError(f"refusing weights nobody signed: without the publisher's key (publisher_key) the "
+                              f"weights of {self.model} version {version} can only be checked against the server's "
+                              f"own hash; pass unsigned=True to trust the server that far")
         expected = self._signed_sha256(version) if self.publisher_key else None
         url = f"{self.server}/v2/models/{self.model}/versions/{version}/weights"
         try:
@@ -249,6 +292,7 @@ class Client:
         version = head.get("model_version")
         if not isinstance(version, str) or not VERSION.fullmatch(version):
             raise BadServer(f"{self.server} answered with the model version {str(version)[:20]!r}, not a version number")
+        self._not_older(version)
         self._saw(version)
         return Result(classes.astype(np.int64), labels, probs.astype(np.float32), [version] * n)
 
@@ -329,6 +373,12 @@ class Client:
     def _version(self, version: str) -> str:
         if not isinstance(version, str) or not VERSION.fullmatch(version):
             raise ClientError(f"{str(version)[:20]!r} is not a model version number")
+        return self._not_older(version)
+
+    def _not_older(self, version: str) -> str:
+        if int(version) < self.min_version:
+            raise BadServer(f"{self.server} offers {self.model} version {version}, older than version {self.min_version}, "
+                            f"the oldest this client accepts (min_version): a rollback it does not trust")
         return version
 
     def _signed_sha256(self, version: str) -> str:
@@ -360,6 +410,21 @@ class Client:
         if not ok or not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
             raise BadServer(f"{self.server} sent the signed manifest of another version, or one without a sha256")
         return sha256
+
+
+def check_proxy(proxy: str, server: httpx.URL, token: bool, allow_http: bool) -> None:
+    """The plain-http rule for a proxy: to a plain-http server, the proxy reads every request, the token included,
+    so it must be on this machine (or allow_http). An https server is reached through a tunnel the proxy cannot read."""
+    try:
+        url = httpx.URL(proxy)
+        valid = url.scheme in ("http", "https") and bool(url.host)
+    except httpx.InvalidURL:
+        valid = False
+    if not valid:
+        raise ClientError(f"proxy {proxy!r} must be a URL like http://proxy.example:3128")
+    if token and server.scheme == "http" and url.scheme == "http" and not is_loopback(url.host) and not allow_http:
+        raise ClientError(f"refusing to send the token through the proxy {proxy} over plain http, where it can read "
+                          f"it; use an https server, a proxy on this machine, or allow_http on a network you trust")
 
 
 def _trust(ca_cert: str | Path | None) -> ssl.SSLContext | bool:

@@ -6,9 +6,10 @@ Two signals, each switched in `DriftConfig`:
   every `canary_every` calls, falls below `canary_threshold` (catches a cloud that changes its
   model without changing the version number).
 Every signal, check and decision is logged: to the `privoffload.client` logger and, one JSON line
-each, to `events.jsonl` in the client's folder. A re-sync that fails (the server is down, its
-weights do not verify, ...) keeps its reason: it is tried again after `retry_after_calls`
-classify calls, twice as many after each further failure, and the user's call still gets its answer.
+each, to `events.jsonl` in the client's folder. A signal stays pending until a re-sync succeeds: one
+that fails, whatever the error (the server is down, its weights do not verify, the disk is full,
+...), keeps it, is tried again after `retry_after_calls` classify calls, twice as many after each
+further failure, and the user's call still gets its answer.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import DriftConfig, ResyncConfig
-from ..errors import UserError
-from .client import DEFAULT_MODEL, Client, ClientError, Result
-from .obfuscator import load_obfuscator
+from ..config import DriftConfig, ResyncConfig, model_name
+from .client import Client, ClientError, Result
+from .obfuscator import dataset_of, load_obfuscator
 from .resync import ClientState, resync
 
 log = logging.getLogger("privoffload.client")
@@ -65,7 +65,7 @@ class DriftMonitor:
     def check(self, classify: Callable[[np.ndarray], Result]) -> str | None:
         """After a classify call: run the canary check when it is due; return the reason to re-sync now, if any.
 
-        The reason is handed out once; a re-sync that fails gives it back (`failed`)."""
+        The reason stays pending until `resynced` (a re-sync that fails keeps it, and backs off: `failed`)."""
         self.calls += 1
         due = self.canary is not None and self.cfg.canary_threshold > 0 and self.calls % self.cfg.canary_every == 0
         if self.pending is None and due:
@@ -83,8 +83,7 @@ class DriftMonitor:
         if self.wait > 0:  # backing off after a failed re-sync; the reason stays pending
             self.wait -= 1
             return None
-        reason, self.pending = self.pending, None
-        return reason
+        return self.pending
 
     def failed(self, reason: str, error: Exception) -> None:
         """A re-sync for `reason` failed: keep the reason, and back off (doubling) before the next try."""
@@ -96,6 +95,7 @@ class DriftMonitor:
 
     def resynced(self) -> None:
         self.failures = self.wait = 0
+        self.pending = None
 
 
 class AutoSyncClient:
@@ -108,13 +108,14 @@ class AutoSyncClient:
     def __init__(self, server: str, state: str | Path, images: np.ndarray, labels: np.ndarray, *,
                  drift: DriftConfig | None = None, resync_cfg: ResyncConfig | None = None,
                  canary: tuple[np.ndarray, np.ndarray] | None = None, token: str | None = None,
-                 model: str = DEFAULT_MODEL, device: str = "cpu", **client_options):
+                 model: str | None = None, device: str = "cpu", **client_options):
         self.state = ClientState(state)
         self.images, self.labels, self.device = images, labels, device
         self.drift, self.resync_cfg = drift or DriftConfig(), resync_cfg or ResyncConfig()
         self.resync_cfg.validate()
         self.monitor = DriftMonitor(self.drift, canary, self.state.path / "events.jsonl")
-        self.client = Client(server, load_obfuscator(self.state.path), token=token, model=model,
+        self.client = Client(server, load_obfuscator(self.state.path), token=token,
+                             model=model or model_name(dataset_of(self.state.path)),
                              model_version=self.state.model_version, on_version_change=self.monitor.version_changed,
                              **client_options)
         self.resyncs: list[dict] = []
@@ -140,7 +141,7 @@ class AutoSyncClient:
         self.monitor.record("resync started", reason=reason)
         try:
             done = resync(self.state, self.client, self.images, self.labels, self.resync_cfg, self.device)
-        except UserError as e:
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the user's call gets its answer and the signal stays
             self.monitor.failed(reason, e)
             return None
         self.client.obfuscate = load_obfuscator(self.state.path)

@@ -10,8 +10,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 
 
-def read_images(paths: list[str | Path], shape: tuple[int, int, int] = (3, 32, 32)) -> np.ndarray:
-    """PNG/JPEG (anything Pillow reads) as RGB (3 channels) or grey (1); other sizes are resized to (H, W)."""
+def read_images(paths: list[str | Path], shape: tuple[int, int, int]) -> np.ndarray:
+    """PNG/JPEG (anything Pillow reads) as RGB (3 channels) or grey (1) at `shape` (the obfuscator's: channels,
+    height, width); other sizes are resized to (H, W)."""
     if not paths:
         raise UserError("no image files given")
     channels, h, w = shape

@@ -16,6 +16,7 @@ import torch
 from .. import nets
 from ..data import to_pixels
 from ..errors import UserError
+from ..runs import run_dataset
 
 Obfuscate = Callable[[np.ndarray], np.ndarray]
 WEIGHTS = "obfuscator.safetensors"
@@ -30,6 +31,16 @@ def obfuscator_path(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass an obfuscator run folder or its {WEIGHTS}")
     return path
+
+
+def dataset_of(path: str | Path) -> str:
+    """The data set an obfuscator was trained for: its file's `dataset` metadata, else its run folder's
+    config.toml; CIFAR-10 for a lone file from before data sets were recorded."""
+    path = obfuscator_path(path)
+    meta = nets.read_metadata(path)
+    if meta.get("dataset"):
+        return meta["dataset"]
+    return run_dataset(path.parent)[0] if (path.parent / "config.toml").is_file() else "cifar10"
 
 
 def shape_of(obfuscate: Obfuscate) -> tuple[int, int, int]:
@@ -59,8 +70,13 @@ def load_obfuscator(path: str | Path, device: str = "cpu", batch_size: int = 256
 
     On a CPU it runs through `client.fast` (BatchNorm folded, ONNX Runtime where installed: about
     3x faster for one image and 16x for batches than eager PyTorch, see BENCHMARKS.md);
-    `backend="eager"` keeps plain PyTorch.
+    `backend="eager"` keeps plain PyTorch. A file written by `privoffload export` (.onnx, .pte, .tflite) runs in
+    its own runtime, as on the phone (`client.export.load`).
     """
+    from .export import EXPORTED, load
+
+    if Path(path).suffix in EXPORTED:
+        return load(path)
     net = nets.load(obfuscator_path(path), expect="codec", device=device).eval()
     shape = nets.image_shape(net)
     run = net

@@ -25,6 +25,7 @@ from ..runs import load_classifier
 from ..runtime import atomic_path
 from ..train.resync import Budget, black_box, game_lambda, white_box
 from .client import Client, WeightsUnavailable
+from .obfuscator import dataset_of
 
 class ClientState:
     """The client's folder: obfuscator.safetensors and deobfuscator.safetensors, plus classifier.safetensors,
@@ -45,7 +46,7 @@ class ClientState:
         nets.save(load_classifier(cfg.classifier), path / "classifier.safetensors")
         nets.save(nets.load(run / "deobfuscator.safetensors", expect="codec"), path / "deobfuscator.safetensors")
         nets.save(nets.load(run / "obfuscator.safetensors", expect="codec"), path / "obfuscator.safetensors",
-                  model_version=model_version, lam=repr(cfg.lam))
+                  model_version=model_version, lam=repr(cfg.lam), dataset=dataset_of(run))
         return cls(path)
 
     @property
@@ -66,7 +67,8 @@ class ClientState:
             shutil.copyfile(self.path / "obfuscator.safetensors", tmp)
         nets.save(classifier, self.path / "classifier.safetensors", model_version=model_version, mode=mode)
         nets.save(deobf, self.path / "deobfuscator.safetensors", model_version=model_version)
-        nets.save(obf, self.path / "obfuscator.safetensors", model_version=model_version, mode=mode, lam=repr(lam))
+        nets.save(obf, self.path / "obfuscator.safetensors", model_version=model_version, mode=mode, lam=repr(lam),
+                  dataset=dataset_of(self.path))
 
 
 def resync(state: ClientState, client: Client, images: np.ndarray, labels: np.ndarray, cfg: ResyncConfig,

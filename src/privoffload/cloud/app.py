@@ -1,7 +1,8 @@
-"""The service: small FastAPI routers for the Open Inference Protocol v2 REST API.
+"""The service: small FastAPI routers for the Open Inference Protocol v2 REST API. Routes parse and authorise;
+every question about models goes to the data plane (cloud/dataplane.py).
 
-    health      GET  /v2/health/live, /v2/health/ready                 (open)
-    server      GET  /v2                                               (inference token)
+    health      GET  /v2/health/live, /v2/health/ready                 (open, outside the request limit)
+    server      GET  /v2, /openapi.json                                (inference token)
     models      GET  /v2/models/{name}[/versions/{v}][/ready]          (inference token)
                 POST /v2/models/{name}[/versions/{v}]/infer
                 GET  /v2/models/{name}/versions/{v}/weights, .../manifest   (only with serve_weights)
@@ -10,17 +11,23 @@
     metrics     GET  /metrics                                          (metrics token, else inference token)
 
 Every error is `{"error": "..."}` with a 4xx status, or 503 with Retry-After when overloaded; a
-500 only ever means a bug. No request can stall the others: bodies are bounded by what their
-route needs, large ones are decoded one at a time off the event loop, and inference waits in a
-bounded queue with a deadline (cloud/batching.py).
+500 only ever means a bug. No request can stall the others: at most `max_requests` are handled at once
+(`Admission`; the health routes are always answered), bodies are bounded by what their route needs, JSON
+bodies beyond a few KiB are parsed in other processes (`Parser`: json.loads holds the GIL for the whole body),
+and inference waits in a bounded queue with a deadline (cloud/batching.py). Connections and request heads are
+bounded before any of this, in cloud/server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import multiprocessing
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -36,46 +43,90 @@ from .. import __version__, oip
 from ..config import ServeConfig
 from ..errors import UserError
 from ..runtime import pick_device
-from . import schemas, tensors
+from . import schemas, tensors, web
 from .auth import Tokens, admin_access, inference_access, metrics_access
 from .batching import Overloaded, VersionGone
-from .repository import LoadedModel, Manifest, Repository, parse_version
+from .dataplane import DataPlane, NotFound
+from .repository import Repository, parse_version
 from .schemas import ApiError
-from .store import ModelStore
 from .telemetry import Metrics, Observe, event
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-PARSE_INLINE_BYTES = 256 * 1024  # bodies below this are decoded on the event loop (about a millisecond)
+INLINE_JSON_BYTES = 32 * 1024  # JSON up to this is parsed on the event loop (under a millisecond); more in a parser process
 SMALL_BODY = 4096  # index and load take a few parameters
+PARSER_NICE = 10  # parser processes yield the CPU to the event loop (and its health probes) and to the model
+HEALTH = ("/v2/health/live", "/v2/health/ready")
 CLOSE = {"Connection": "close"}
 Name = Annotated[str, Path(description="model name", examples=["cifar10-resnet18"])]
 Version = Annotated[str, Path(description="version number", examples=["1"])]
 
 
+class Admission:
+    """ASGI middleware: at most `limit` requests are handled at once; one beyond waits up to `wait_s` for a slot,
+    then gets 503 with Retry-After (its body unread, its connection closed). The health routes are answered
+    outside the limit, so that probes never fail because clients are busy."""
+
+    def __init__(self, app, limit: int, wait_s: float):
+        self.app, self.wait_s = app, wait_s
+        self.slots = asyncio.Semaphore(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in HEALTH:
+            return await self.app(scope, receive, send)
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.wait_s)
+        except asyncio.TimeoutError:
+            body = json.dumps({"error": "the server is busy: too many requests at once; retry later"}).encode()
+            scope.setdefault("state", {})["error"] = "too many requests at once"
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"1"), (b"connection", b"close"),
+                (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.slots.release()
+
+
+class Parser:
+    """Parses large JSON inference bodies in `processes` other processes, one body each at a time. json.loads
+    holds the GIL for the whole body (about 100 ms for 4.8 MB): in a thread of this process it would stall the
+    event loop, health probes included, for as long. The processes start on the first large body (most clients
+    send binary tensors, whose JSON part is small), import only numpy and cloud/tensors.py, and run at a lower
+    priority, so that on a busy CPU the event loop and the model come first."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.slots = asyncio.Semaphore(processes)
+        self.pool: ProcessPoolExecutor | None = None
+
+    async def __call__(self, body: bytes, header_length: str | None, max_images: int, shape: tuple[int, int, int]):
+        async with self.slots:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=tensors.parser_process, initargs=(PARSER_NICE,))
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.pool, tensors.parse_body, body, header_length, max_images, shape)
+            except BrokenProcessPool:  # a parser process died (killed, out of memory): start afresh next time
+                self.pool = None
+                raise ApiError(503, "the request parser restarted; retry", {"Retry-After": "1"}) from None
+
+    def close(self) -> None:
+        """Stop the parser processes and wait for them to exit (they also exit by themselves if this process dies)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 # ---------------------------------------------------------------- helpers for the routes
 
-def store_of(request: Request) -> ModelStore:
-    return request.app.state.store
+def plane_of(request: Request) -> DataPlane:
+    return request.app.state.plane
 
 
 def config_of(request: Request) -> ServeConfig:
     return request.app.state.config
-
-
-def served(request: Request, name: str) -> LoadedModel:
-    store = store_of(request)
-    if name not in store.current:
-        if store.repo.versions(name):
-            raise ApiError(400, f"model {name!r} is in the repository but not loaded; an admin can load it")
-        raise ApiError(404, f"no model named {name[:64]!r}; POST /v2/repository/index lists them")
-    return store.current[name]
-
-
-def existing_version(request: Request, name: str, version: str) -> int:
-    v = parse_version(version)
-    if v is None or v not in store_of(request).repo.versions(name):
-        raise ApiError(404, f"model {name[:64]!r} has no version {version[:20]!r}")
-    return v
 
 
 def infer_limit(cfg: ServeConfig, shape: tuple[int, int, int]) -> int:
@@ -152,17 +203,19 @@ async def json_object(request: Request) -> dict:
     return oip.split_body(body, None)[0]
 
 
-async def answer_or_hangup(request: Request, future: asyncio.Future):
-    """The job's result; if the client hangs up first, the job is withdrawn (it will not run) and so is the request."""
+async def answer_or_hangup(request: Request, work):
+    """The result of `work` (a coroutine); if the client hangs up first, the work is cancelled (a queued job is
+    withdrawn and will not run) and so is the request."""
+    task = asyncio.ensure_future(work)
     hangup = asyncio.ensure_future(request.receive())  # after the body, receive() returns only on disconnect
     try:
-        await asyncio.wait({future, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         hangup.cancel()
-    if not future.done():
-        future.cancel()
+    if not task.done():
+        task.cancel()
         raise ApiError(400, "the client went away before its images were classified")
-    return future.result()
+    return task.result()
 
 
 # ---------------------------------------------------------------- routers
@@ -177,11 +230,9 @@ def live():
 
 @health.get("/v2/health/ready", response_model=schemas.Ready, responses={503: {"model": schemas.ErrorBody}})
 def ready(request: Request):
-    store: ModelStore | None = getattr(request.app.state, "store", None)
-    if store is None or not store.ready:
-        return JSONResponse({"error": "no model loaded yet" if store is None or not store.batchers
-                             else "a batching worker is not running"}, status_code=503)
-    return {"ready": True}
+    plane: DataPlane | None = getattr(request.app.state, "plane", None)
+    why = "no model loaded yet" if plane is None else plane.ready
+    return JSONResponse({"error": why}, status_code=503) if why else {"ready": True}
 
 
 server = APIRouter(tags=["server"], dependencies=[Depends(inference_access)], responses=schemas.ERRORS)
@@ -192,75 +243,68 @@ def server_metadata():
     return {"name": "privoffload", "version": __version__, "extensions": EXTENSIONS}
 
 
+@server.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request):
+    """The OpenAPI schema, for tools and the fuzzing tests; behind the token like the routes it describes."""
+    return JSONResponse(request.app.openapi())
+
+
 models = APIRouter(tags=["models"], dependencies=[Depends(inference_access)], responses=schemas.ERRORS)
-
-
-def model_metadata(m: Manifest, name: str, version: int) -> dict:
-    """A manifest's tensors: its input shape and class count."""
-    inputs, outputs = tensors.metadata(len(m.classes), m.shape)
-    return {"name": name, "versions": [str(version)], "platform": "pytorch", "inputs": inputs, "outputs": outputs}
 
 
 @models.get("/v2/models/{name}", response_model=schemas.ModelMetadata)
 def metadata(request: Request, name: Name):
     """Inputs, outputs and the version being served."""
-    m = served(request, name).manifest
-    return model_metadata(m, name, m.version)
+    return plane_of(request).metadata(name)
 
 
 @models.get("/v2/models/{name}/versions/{version}", response_model=schemas.ModelMetadata)
 def version_metadata(request: Request, name: Name, version: Version):
-    v = existing_version(request, name, version)
-    return model_metadata(store_of(request).repo.manifest(name, v), name, v)
+    return plane_of(request).metadata(name, version)
 
 
 @models.get("/v2/models/{name}/ready", response_model=schemas.ModelReady)
 def model_ready(request: Request, name: Name):
-    return {"name": name, "version": str(served(request, name).version), "ready": True}
+    return plane_of(request).model_ready(name)
 
 
 @models.get("/v2/models/{name}/versions/{version}/ready", response_model=schemas.ModelReady)
 def version_ready(request: Request, name: Name, version: Version):
-    v = existing_version(request, name, version)
-    current = served(request, name)
-    if current.version != v:
-        raise ApiError(400, f"version {v} of {name!r} is not loaded; version {current.version} is serving")
-    return {"name": name, "version": str(v), "ready": True}
+    return plane_of(request).model_ready(name, version)
 
 
 HeaderLength = Annotated[str | None, Header(alias=oip.HEADER_LENGTH, description="length of the JSON part (binary extension)")]
 
 
+def json_length(body: bytes, header_length: str | None) -> int:
+    """Bytes of JSON in an inference body (all of it without the binary extension)."""
+    if header_length is None:
+        return len(body)
+    return int(header_length) if header_length.strip().isdigit() else 0  # a bad header fails fast on the loop
+
+
 async def infer(request: Request, name: str, version: str | None, header_length: str | None) -> Response:
-    cfg, store = config_of(request), store_of(request)
-    model = served(request, name)
-    pinned = existing_version(request, name, version) if version is not None else None
-    if pinned is not None and pinned != model.version:
-        raise ApiError(400, f"version {pinned} of {name!r} is not loaded; version {model.version} is serving")
+    cfg, plane = config_of(request), plane_of(request)
+    choice = plane.choose(name, version)
     if header_length is None:
         check_json_type(request)
-    encoding, limit = encoding_of(request), infer_limit(cfg, model.manifest.shape)
+    encoding, limit = encoding_of(request), infer_limit(cfg, choice.shape)
     body = await read_body(request, limit)
-
-    def parse():
-        header, tail = oip.split_body(inflate(body, encoding, limit), header_length)
-        return tensors.parse_request(header, tail, cfg.max_request_images, model.manifest.shape)
-
-    if len(body) < PARSE_INLINE_BYTES and encoding == "identity":
-        x, outputs, request_id = parse()
-    else:  # off the event loop, one at a time: JSON parsing holds the GIL, so more threads would only queue for it
-        async with request.app.state.parsing:
-            x, outputs, request_id = await asyncio.to_thread(parse)
+    if encoding != "identity":  # zlib releases the GIL: a thread keeps the loop free
+        body = await asyncio.to_thread(inflate, body, encoding, limit)
+    if json_length(body, header_length) <= INLINE_JSON_BYTES:
+        x, outputs, request_id = tensors.parse_body(body, header_length, cfg.max_request_images, choice.shape)
+    else:
+        x, outputs, request_id = await request.app.state.parser(body, header_length, cfg.max_request_images, choice.shape)
     request.state.model, request.state.images = name, len(x)
     try:
-        probs, used = await answer_or_hangup(request, store.batchers[name].submit(x, pinned))
+        probs, used, classes = await answer_or_hangup(request, plane.infer(choice, x))
     except VersionGone as e:
         raise ApiError(400, str(e)) from None
     except Overloaded as e:
         raise ApiError(503, str(e), {"Retry-After": str(e.retry_after)}) from None
     request.state.model_version = used
-    store.metrics.images.labels(name).inc(len(x))
-    content, headers = tensors.build_response(name, used, request_id, probs, store.current[name].manifest.classes, outputs)
+    content, headers = tensors.build_response(name, used, request_id, probs, classes, outputs)
     return Response(content, headers=headers)
 
 
@@ -276,34 +320,20 @@ async def infer_version(request: Request, name: Name, version: Version, length: 
     return await infer(request, name, version, length)
 
 
-def published(request: Request, name: str, version: str) -> int:
-    """A version whose weights this server hands out: served with --serve-weights, and verified by a load here."""
-    if not config_of(request).serve_weights:
-        raise ApiError(404, "this server does not publish weights (start it with --serve-weights)")
-    v = existing_version(request, name, version)
-    if (name, v) not in store_of(request).verified:
-        raise ApiError(404, f"version {v} of {name!r} has not been verified by a load on this server; "
-                            f"its weights are not published")
-    return v
-
-
 @models.get("/v2/models/{name}/versions/{version}/weights",
             responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}})
 def weights(request: Request, name: Name, version: Version):
     """A version's weights as safetensors (no pickle), when the server publishes them."""
-    v = published(request, name, version)
-    repo = store_of(request).repo
-    return FileResponse(repo.weights_path(name, v), media_type="application/octet-stream",
-                        headers={"X-Model-Sha256": repo.manifest(name, v).sha256})
+    path, manifest, _, _ = plane_of(request).published(name, version)
+    return FileResponse(path, media_type="application/octet-stream", headers={"X-Model-Sha256": manifest.sha256})
 
 
 @models.get("/v2/models/{name}/versions/{version}/manifest", response_model=schemas.SignedManifest)
 def signed_manifest(request: Request, name: Name, version: Version):
     """A version's manifest.json as published, and the publisher's signature of it: clients configured with
     the publisher's public key check downloaded weights against its sha256, whoever sent them."""
-    v = published(request, name, version)
-    repo = store_of(request).repo
-    return {"manifest": repo.manifest_text(name, v), "signature": repo.signature(name, v)}
+    _, _, text, signature = plane_of(request).published(name, version)
+    return {"manifest": text, "signature": signature}
 
 
 repository = APIRouter(tags=["repository"], responses=schemas.ERRORS)
@@ -316,22 +346,14 @@ async def index(request: Request):
     ready_only = (await json_object(request)).get("ready", False)
     if not isinstance(ready_only, bool):
         raise ApiError(400, "ready must be a boolean")
-    store = store_of(request)
-    entries = []
-    for name in store.repo.names():
-        current = store.current.get(name)
-        for v in store.repo.versions(name):
-            serving = current is not None and current.version == v
-            if serving or not ready_only:
-                entries.append({"name": name, "version": str(v), "state": "READY" if serving else "UNAVAILABLE",
-                                "reason": "" if serving else store.failures.get((name, v), "not loaded")})
-    return entries
+    return plane_of(request).index(ready_only)
 
 
 @repository.post("/v2/repository/models/{name}/load", response_model=schemas.LoadResult,
                  dependencies=[Depends(admin_access)], openapi_extra=schemas.LOAD_OPENAPI)
 async def load(request: Request, name: Name):
-    """Load a version (`{"parameters": {"version": "3"}}`, default the newest) and swap it in."""
+    """Load a version (`{"parameters": {"version": "3"}}`, default the newest), record it as the one served (every
+    replica that starts later serves it), and swap it in."""
     params = (await json_object(request)).get("parameters", {})
     if not isinstance(params, dict) or set(params) - {"version"}:
         raise ApiError(400, "the only load parameter is 'version' (models are never uploaded, only published on disk)")
@@ -341,16 +363,7 @@ async def load(request: Request, name: Name):
         version = parse_version(str(raw)) if oip.is_int(raw) or isinstance(raw, str) else None
         if version is None:
             raise ApiError(400, "parameters.version must be a version number")
-    store = store_of(request)
-    if not store.repo.versions(name):
-        raise ApiError(404, f"no model named {name[:64]!r} in the repository")
-    if version is not None and version not in store.repo.versions(name):
-        raise ApiError(404, f"model {name!r} has no version {version}")
-    try:
-        old, new = await store.swap(name, version)
-    except UserError as e:
-        raise ApiError(400, f"refused, version {store.current[name].version if name in store.current else 'none'} "
-                            f"keeps serving: {e}") from None
+    old, new = await plane_of(request).load(name, version)
     return {"name": name, "version": str(new.version), "previous_version": str(old.version) if old else None}
 
 
@@ -360,7 +373,7 @@ metrics_router = APIRouter(tags=["metrics"], dependencies=[Depends(metrics_acces
 @metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 def metrics(request: Request):
     """Prometheus metrics: requests, latency, batch sizes, images, drops, model versions, loads."""
-    return Response(generate_latest(store_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(plane_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 # ---------------------------------------------------------------- the app
@@ -375,27 +388,32 @@ def _error(request: Request, status: int, message: str, headers: dict | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(cfg: ServeConfig, tokens: Tokens, store: ModelStore | None = None) -> FastAPI:
-    """The app; `store` may be opened beforehand (the CLI does, to report a bad repository in one line)."""
-    metrics_ = store.metrics if store else Metrics()
+def create_app(cfg: ServeConfig, tokens: Tokens, plane: DataPlane | None = None) -> FastAPI:
+    """The app; `plane` may be opened beforehand (the CLI does, to report a bad repository in one line)."""
+    metrics_ = plane.metrics if plane else Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if app.state.store is None:
-            app.state.store = await asyncio.to_thread(ModelStore.open, Repository(cfg.repo), pick_device(cfg.device), metrics_)
-        app.state.store.start(cfg)
-        event("serving", models={n: m.version for n, m in app.state.store.current.items()},
+        if app.state.plane is None:
+            app.state.plane = await asyncio.to_thread(DataPlane.open, Repository(cfg.repo), pick_device(cfg.device), metrics_)
+        app.state.plane.start(cfg)
+        event("serving", models={e["name"]: int(e["version"]) for e in app.state.plane.index(ready_only=True)},
               batch_window_ms=cfg.batch_window_ms, auth=tokens.enabled, tls=bool(cfg.ssl_certfile),
               serve_weights=cfg.serve_weights)
         yield
-        await app.state.store.stop()
+        await app.state.plane.stop()
+        await asyncio.to_thread(app.state.parser.close)
 
-    app = FastAPI(title="privoffload cloud", version=__version__, lifespan=lifespan,
-                  description="Open Inference Protocol v2 service for the cloud's CIFAR-10 classifier.")
-    app.state.config, app.state.tokens, app.state.store = cfg, tokens, store
-    app.state.parsing = asyncio.Semaphore(1)
+    app = FastAPI(title="privoffload cloud", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="Open Inference Protocol v2 service for the classifiers of a model "
+                                              "repository; each model's metadata gives its input shape and classes.")
+    app.state.config, app.state.tokens, app.state.plane = cfg, tokens, plane
+    app.state.parser = Parser(cfg.parse_processes)
     for router in (health, server, models, repository, metrics_router):
         app.include_router(router)
+    if cfg.web:  # the browser client (cloud/web.py)
+        app.include_router(web.router(cfg.web))
+    app.add_middleware(Admission, limit=cfg.max_requests, wait_s=cfg.request_wait_s)
     app.add_middleware(Observe, metrics=metrics_)
     if not tokens.enabled:  # no token stands between a browser page and this port: refuse other Host names (DNS rebinding)
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=cfg.allowed_hosts or ["localhost", "127.0.0.1", cfg.host])
@@ -410,7 +428,7 @@ def create_app(cfg: ServeConfig, tokens: Tokens, store: ModelStore | None = None
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return _error(request, 400, str(e))
+        return _error(request, 404 if isinstance(e, NotFound) else 400, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

@@ -3,11 +3,20 @@
     REPO/cifar10-resnet18/1/model.safetensors
     REPO/cifar10-resnet18/1/manifest.json   {name, version, architecture, width, classes, created, sha256, source, shape}
     REPO/cifar10-resnet18/1/manifest.sig    base64 Ed25519 signature of manifest.json (with `publish --signing-key`)
+    REPO/cifar10-resnet18/served.json       {"version": 1, "recorded": ...}: the version every replica serves
+
+Publishing adds a version; it does not serve it. Which version is served is recorded in `served.json`
+(atomically: a temporary file renamed into place) when an admin loads one, and read by every server that
+starts, so that replicas on one repository agree and a rollback outlives restarts. A repository without a
+record serves its newest version that verifies, and records it.
 
 A version is published by building it in a hidden temporary folder and renaming that folder to the
 next number, so a version folder is either complete or absent; files and folders are readable by
 all (0644, 0755: the server may run as another user) and synced to disk before and after the
-rename. Loading a version reads its file once, then checks those bytes: their sha256 against the
+rename; folders publish creates are 0755 whatever the umask, and the folder above a new one is synced too.
+Hidden `.publish-*` folders left by a killed publish are removed by a later publish once they are an hour
+old (a publish in progress is younger). Model names are checked wherever they reach the disk: `..` is no
+model. Loading a version reads its file once, then checks those bytes: their sha256 against the
 manifest, the architecture they hold against the manifest, and that the weights fit; only then is
 the model handed out. A version that cannot be read is refused with the reason, like a damaged one.
 Messages name versions (`cifar10-resnet18 version 3`), never paths on the server. The input shape
@@ -25,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +52,8 @@ CIFAR_SHAPE = (3, 32, 32)
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+SERVED = "served.json"
+STALE_PUBLISH_S = 3600  # a .publish-* folder this old was left by a publish that died
 ARCHITECTURE = "resnet18"  # the only architecture the cloud serves: the classifier
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
@@ -160,9 +172,15 @@ class Repository:
         except OSError as e:
             raise UserError(f"cannot read the model repository ({e.strerror or type(e).__name__})") from None
 
+    def folder(self, name: str) -> Path:
+        """A model's folder; a name that is not a model name (`..`, `a/b`) is refused before it reaches the disk."""
+        return self.root / check_name(name)
+
     def versions(self, name: str) -> list[int]:
         """Complete versions of a model, oldest first (a folder without a manifest is not one; a folder that
         cannot be read is listed, and refused with the reason when loaded)."""
+        if not NAME.fullmatch(name):
+            return []
         folder = self.root / name
         try:
             return sorted(int(p.name) for p in folder.iterdir() if parse_version(p.name) and _complete(p))
@@ -188,19 +206,58 @@ class Repository:
 
     def manifest_text(self, name: str, version: int) -> str:
         """manifest.json exactly as published (what a signature covers)."""
-        data = _read(self.root / name / str(version) / MANIFEST, f"{name} version {version}'s {MANIFEST}")
+        data = _read(self.folder(name) / str(version) / MANIFEST, f"{name} version {version}'s {MANIFEST}")
         try:
             return data.decode()
         except UnicodeDecodeError:
             raise UserError(f"{name} version {version}'s {MANIFEST} is not UTF-8") from None
 
     def signature(self, name: str, version: int) -> str | None:
-        path = self.root / name / str(version) / SIGNATURE
+        path = self.folder(name) / str(version) / SIGNATURE
         return _read(path, f"{name} version {version}'s {SIGNATURE}").decode("ascii", "replace").strip() \
             if path.exists() else None
 
     def weights_path(self, name: str, version: int) -> Path:
-        return self.root / name / str(version) / WEIGHTS
+        return self.folder(name) / str(version) / WEIGHTS
+
+    # ---- the served-version record
+
+    def served(self, name: str) -> int | None:
+        """The version recorded as served, or None where none is recorded (or the record is unreadable)."""
+        try:
+            raw = json.loads((self.folder(name) / SERVED).read_text())
+            version = raw["version"] if isinstance(raw, dict) else None
+        except (OSError, ValueError, KeyError, UserError):
+            return None
+        return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
+
+    def record_served(self, name: str, version: int, replace: bool = True) -> int:
+        """Record `version` as the one `name` serves, atomically and durably (readable by all); returns the
+        recorded version. `replace=False` records it only where nothing is recorded yet, so that servers starting
+        at once agree on the first writer's. A record the server cannot write is a UserError (the load is refused:
+        a restart would otherwise undo it)."""
+        path = self.folder(name) / SERVED
+        tmp = path.with_name(f".{SERVED}.tmp{os.getpid()}")
+        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        try:
+            _write(tmp, json.dumps({"version": version, "recorded": when}).encode() + b"\n")
+            if replace:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # refuses to replace a record
+                except FileExistsError:
+                    return self.served(name) or version
+            fsync_dir(path.parent)
+        except OSError as e:
+            raise UserError(f"cannot record {name} version {version} as served ({e.strerror or type(e).__name__}); "
+                            f"the server needs write access to {name}/{SERVED} in the repository") from None
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return version
 
     def load(self, name: str, version: int | None = None, device: torch.device | str = "cpu",
              like: Manifest | None = None) -> LoadedModel:
@@ -260,7 +317,8 @@ class Repository:
                 raise UserError(f"{name} holds {_sig(last)} models, {weights} is a {ARCHITECTURE} of width {width}; "
                                 f"publish it under another --name")
         folder = self.root / name
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_dirs(folder)
+        _remove_stale(folder)
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
         try:
             tmp.chmod(0o755)  # mkdtemp makes 0700: a server running as another user could not read the version
@@ -308,6 +366,32 @@ def _complete(version_folder: Path) -> bool:
         return (version_folder / MANIFEST).is_file()
     except OSError:  # unreadable: listed, so that loading it says why it is refused
         return True
+
+
+def _make_dirs(folder: Path) -> None:
+    """Create `folder` and any missing parents as 0755 whatever the umask (the server may run as another user),
+    each synced into the folder above it."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # another publisher made it meanwhile
+            continue
+        path.chmod(0o755)
+        fsync_dir(path.parent)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the `.publish-*` folders of publishes that died (an hour old: a running publish takes seconds)."""
+    for tmp in folder.glob(".publish-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_PUBLISH_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _write(path: Path, data: bytes) -> None:

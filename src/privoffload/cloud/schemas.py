@@ -49,6 +49,7 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, list[str]] = {}  # "classes": the class names, in the order of `probabilities`
 
 
 class ModelReady(BaseModel):

@@ -1,14 +1,18 @@
 """The classifier's tensors in protocol terms: check an inference request, build its response.
 
 Input `images`: UINT8 pixels 0..255 or FP32 in [0, 1], shape [N, C, H, W], the model's own (its manifest's
-`shape`; 3x32x32 for CIFAR-10). Outputs:
-`probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the class names).
+`shape`). Outputs: `probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the model's class
+names). Nothing here imports torch: large JSON bodies are parsed by `parse_body` in other processes
+(cloud/app.py), which import only this module and numpy.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
-import torch
 
 from .. import oip
 from ..oip import WireError
@@ -16,12 +20,10 @@ from ..oip import WireError
 INPUT = "images"
 INPUT_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = ("probabilities", "class", "label")
+Parsed = tuple[np.ndarray, list[tuple[str, bool]], "str | None"]
 
 
-CIFAR_SHAPE = (3, 32, 32)
-
-
-def metadata(classes: int, shape: tuple[int, int, int] = CIFAR_SHAPE) -> tuple[list[dict], list[dict]]:
+def metadata(classes: int, shape: tuple[int, int, int]) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) of the model metadata. UINT8 is the canonical input; FP32 is accepted too."""
     inputs = [{"name": INPUT, "datatype": "UINT8", "shape": [-1, *shape]}]
     outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
@@ -30,9 +32,28 @@ def metadata(classes: int, shape: tuple[int, int, int] = CIFAR_SHAPE) -> tuple[l
     return inputs, outputs
 
 
-def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[int, int, int] = CIFAR_SHAPE
-                  ) -> tuple[torch.Tensor, list[tuple[str, bool]], str | None]:
-    """-> (float images [N, *shape] in [0, 1], [(output, binary)], request id). WireError if malformed."""
+def parser_process(nice: int) -> None:
+    """Set up a parser process: a lower priority than the server's, and an exit as soon as the server that started
+    it is gone, however it went (a parser must never outlive its server)."""
+    os.nice(nice)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def parse_body(body: bytes, header_length: str | None, max_images: int, shape: tuple[int, int, int]) -> Parsed:
+    """An (uncompressed) inference body -> `parse_request`'s answer. WireError if malformed."""
+    header, tail = oip.split_body(body, header_length)
+    return parse_request(header, tail, max_images, shape)
+
+
+def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[int, int, int]) -> Parsed:
+    """-> (float32 images [N, *shape] in [0, 1], [(output, binary)], request id). WireError if malformed."""
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("id must be a string")
@@ -54,13 +75,13 @@ def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[
     if used != len(tail):
         raise WireError(f"{len(tail) - used} bytes of binary data belong to no input")
     if arr.dtype == np.uint8:
-        x = torch.from_numpy(arr).float().div_(255)
+        x = arr.astype(np.float32) / np.float32(255)
     else:
         if not np.isfinite(arr).all():
             raise WireError("input holds NaN or infinite values")
         if arr.min() < 0 or arr.max() > 1:
             raise WireError("FP32 pixels must lie in [0, 1]")
-        x = torch.from_numpy(arr)
+        x = arr
     return x, _outputs(header, params), request_id
 
 

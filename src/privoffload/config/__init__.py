@@ -1,7 +1,7 @@
 """Settings in one place, as data: dataclasses loaded from TOML and overridden by `key=value` strings.
 
     loader.py       TOML in and out, --set overrides, type checks (from_dict, load, to_toml)
-    values.py       the grammar of data settings: data set names, image sizes, subsets
+    values.py       the grammar of data settings: data set names, image sizes, subsets; a data set's model name
     training.py     the trainers and the attacks (classifier, obfuscator, decoder, inversion, adaptive, suite, re-sync)
     experiments.py  the sweeps (the protocol's settings are its stages' sections: experiments/stages/)
     service.py      the cloud service
@@ -25,6 +25,7 @@ from .client import DriftConfig
 from .experiments import PROFILES, EpsilonSweepConfig, SweepConfig
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
+from .values import model_name
 from .training import (ATTACKS, COMPAT_LOSSES, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, CompatConfig,
-                       DataConfig, IdentifyConfig, InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ProbeConfig,
+                       DataConfig, IdentifyConfig, InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig,
                        ResyncConfig, SuiteConfig, TrainConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import UserError
 from .loader import choice, positive, subset
@@ -98,14 +99,14 @@ class CompatConfig:
     obfuscators: list[str] = field(default_factory=list)  # published obfuscator run folders; empty = no term
     weight: float = 1.0  # the term's weight beside the clean cross-entropy (its mean over the obfuscators)
     loss: str = "kl"  # kl: KL(old C || new C) on every upload | focal: only where the old C named the right class
-    val_images: int = 0  # held out of `subset`: each epoch scores the term's effect there (choosing loss and weight)
+    val_split: float = 0.0  # share of `subset` held out: each epoch scores the term's effect there (choosing loss and weight)
 
     def validate(self) -> None:
         choice("compat.loss", self.loss, COMPAT_LOSSES)
         if not self.weight >= 0:
             raise UserError(f"config: compat.weight = {self.weight!r} must be >= 0")
-        if self.val_images < 0:
-            raise UserError(f"config: compat.val_images = {self.val_images} must be >= 0")
+        if not 0 <= self.val_split < 1:
+            raise UserError(f"config: compat.val_split = {self.val_split!r} is a share of the subset, from 0 to below 1")
         if len(set(self.obfuscators)) != len(self.obfuscators):
             raise UserError(f"config: compat.obfuscators {self.obfuscators} names a run twice")
 
@@ -180,22 +181,32 @@ class ObfuscatorConfig(TrainConfig):
 
 @dataclass
 class AttackConfig(TrainConfig):
-    """The decoder attack: a fresh network trained on (8-bit O(x), x) pairs with O frozen, to convergence.
+    """A decoder attack: a fresh network trained on (8-bit upload, original) pairs with O frozen, until validation
+    stops improving.
 
-    The last `val_images` images of `subset` are held out as a validation split; training stops when the
-    validation PSNR has not improved for `patience` epochs (or after `epochs`), and the weights kept are
-    those of the best validation epoch."""
+    The uploads of `subset` (and of the test images) are computed once and cached (privacy/uploads.py); the last
+    `val_split` of `subset` is a validation split, scored after every epoch. The rate stays at `optim`'s until the
+    validation PSNR has gone `patience` epochs without improving by `min_delta` dB; then it is cut by `lr_factor`,
+    at most `lr_cuts` times, and the next such plateau stops training: the decoder converged. The weights kept are
+    those of the best validation epoch. A run that spends its `epochs` first (or whose best epoch is its last) did
+    not converge, and every table says so."""
 
-    epochs: int = 20  # the budget: at most this many epochs of (|subset| - val_images) / batch_size steps
+    epochs: int = 60  # the budget: at most this many passes over the training pairs
+    subset: str = "all"  # the training images whose originals the attacker knows (the last val_split validate)
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (kept frozen)
-    arch: str = "unet"  # unet (the stronger decoder, skip connections) | codec (the Table I layout)
+    arch: str = "unet"  # unet (skip connections) | codec (the Table I layout) | answer (from C's answer alone)
     width: int = 32
+    answer: bool = False  # unet: also read C's answer (softmax) for each upload, as the cloud can: label-aware
     recon_loss: str = "mse"  # mse | l1
-    val_images: int = 1000  # held out of `subset` for early stopping (0 = no validation: train all epochs)
-    patience: int = 3  # epochs without a better validation PSNR before stopping (0 = never stop early)
-    init: str = ""  # attack run whose decoder to start from ("" = random init; the adaptive attack's fine-tune)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, weight_decay=0.0,
-                                                                   schedule="cosine", warmup_epochs=0.0))
+    val_split: float = 0.1  # share of `subset` held out for early stopping (0 = no validation: train all epochs)
+    patience: int = 2  # epochs without a better validation PSNR before the rate is cut (or training stops)
+    min_delta: float = 0.01  # dB: a smaller gain is no improvement
+    lr_cuts: int = 2  # rate cuts on a plateau before the next plateau stops training
+    lr_factor: float = 0.3  # each cut multiplies the rate by this
+    init: str = ""  # attack run whose decoder to start from ("" = random init); a label-aware U-Net may start from a plain one
+    extra_obfuscators: list[str] = field(default_factory=list)  # training images take turns through O and these
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=2e-3, weight_decay=0.0,
+                                                                   schedule="constant", warmup_epochs=0.0))
     ldp: LdpConfig = field(default_factory=LdpConfig)  # the uploads it learns from and is scored on carry this noise
 
     def validate(self) -> None:
@@ -203,14 +214,30 @@ class AttackConfig(TrainConfig):
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
         super().validate()
         positive("width", self.width)
-        choice("arch", self.arch, ("codec", "unet"))
+        choice("arch", self.arch, ("codec", "unet", "answer"))
         choice("recon_loss", self.recon_loss, ("mse", "l1"))
-        if self.val_images < 0 or self.patience < 0:
-            raise UserError("config: val_images and patience must be >= 0")
-        if self.patience and not self.val_images:
-            raise UserError("config: patience needs a validation split: set val_images > 0 (or patience = 0)")
+        if self.answer and self.arch != "unet":
+            reads = "C's answer alone" if self.arch == "answer" else "the upload alone"
+            raise UserError(f"config: answer = true needs arch = \"unet\" (a {self.arch} decoder reads {reads})")
+        if self.flip:
+            raise UserError("config: flip = true does not apply to attacks: the upload of a mirrored image is not the mirrored upload")
+        if not 0 <= self.val_split < 1:
+            raise UserError(f"config: val_split = {self.val_split!r} must be a share in [0, 1)")
+        if self.patience < 0 or self.lr_cuts < 0 or not self.min_delta >= 0:
+            raise UserError("config: patience, lr_cuts and min_delta must be >= 0")
+        if not 0 < self.lr_factor < 1:
+            raise UserError(f"config: lr_factor = {self.lr_factor!r} must lie strictly between 0 and 1")
+        if self.patience and not self.val_split:
+            raise UserError("config: patience needs a validation split: set val_split > 0 (or patience = 0)")
         self.optim.validate("optim")
         self.ldp.validate()
+        if self.reads_answer and self.ldp.epsilon != float("inf"):
+            raise UserError("config: a decoder that reads C's answer does not run with local DP (the answers are those "
+                            "on the plain uploads)")
+
+    @property
+    def reads_answer(self) -> bool:
+        return self.answer or self.arch == "answer"
 
 
 QUERY_KINDS = ("plain", "flip", "mixup", "noise", "lookahead")
@@ -236,18 +263,24 @@ class IdentifyConfig(ClassifierConfig):
 @dataclass
 class InversionConfig:
     """White-box inversion of O: for each upload u, the x' in [0, 1] that minimises
-    ||quantise8(O(x')) - u||^2 + tv * TV(x'), by Adam from the mean image (or from a decoder's output).
+    ||quantise8(O(x')) - u||^2 + tv * TV(x'), by Adam from a decoder's reconstruction (or the mean image).
 
-    Nothing trains: test images are inverted in chunks of `batch_size`, each saved when done (resumable)."""
+    Its rate and TV weight are tuned on the last `val_images` images of `subset` (training images whose
+    originals the attacker knows): every pair of `lrs` x `tvs` runs there, and the one with the best validation
+    PSNR runs on the test uploads. A search that moves the validation images' pixels by less than `min_change`
+    on average (against its start) is empty at this budget. Test images are inverted in chunks of `batch_size`,
+    each saved when done (resumable)."""
 
     obfuscator: str = ""  # run folder holding obfuscator.safetensors (its weights ship with every client)
-    test_subset: str = "random:500"  # the uploads to invert
-    subset: str = "all"  # training images whose mean is the starting point
-    steps: int = 200  # Adam steps per image: the budget
-    lr: float = 0.05
-    tv: float = 0.01  # weight of the total-variation prior (mean absolute difference of neighbouring pixels)
+    test_subset: str = "random:2000"  # the uploads to invert
+    subset: str = "all"  # training images: their mean is the "mean" start; the last val_images tune the search
+    val_images: int = 256
+    steps: int = 100  # Adam steps per image: the budget
+    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03])  # rates tried on the validation images
+    tvs: list[float] = field(default_factory=lambda: [0.0, 0.3])  # TV weights tried (mean |neighbour difference|)
+    min_change: float = 0.004  # mean absolute pixel change below which the search is empty (about one 8-bit level)
     batch_size: int = 500  # images optimised together
-    start: str = "mean"  # mean | decoder (the output of the attack run `decoder`: decoder + inversion)
+    start: str = "mean"  # mean (the mean training image) | decoder (the output of the attack run `decoder`)
     decoder: str = ""  # attack run folder, for start = "decoder"
     seed: int = 0  # the draw of a random:N training subset (test subsets are the same whatever the seed)
     precision: str = "fp32"  # auto | bf16 | fp32 (O's forward and backward)
@@ -255,10 +288,14 @@ class InversionConfig:
     def validate(self) -> None:
         if not self.obfuscator:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to invert (--obfuscator RUN)")
-        for name in ("steps", "lr", "batch_size"):
+        for name in ("steps", "batch_size", "val_images"):
             positive(name, getattr(self, name))
-        if not self.tv >= 0:
-            raise UserError(f"config: tv = {self.tv!r} must be >= 0")
+        if not self.lrs or not all(lr > 0 for lr in self.lrs):
+            raise UserError(f"config: lrs = {self.lrs} must list rates > 0")
+        if not self.tvs or not all(tv >= 0 for tv in self.tvs):
+            raise UserError(f"config: tvs = {self.tvs} must list TV weights >= 0")
+        if not self.min_change >= 0:
+            raise UserError(f"config: min_change = {self.min_change!r} must be >= 0")
         choice("start", self.start, ("mean", "decoder"))
         if self.start == "decoder" and not self.decoder:
             raise UserError("config: start = \"decoder\" needs decoder = an attack run folder")
@@ -269,71 +306,48 @@ class InversionConfig:
 
 @dataclass
 class AdaptiveConfig:
-    """The adaptive attack: the attacker knows O's training recipe (its run's config.toml). It trains its own O'
-    that way on its own images with its own seed, trains a decoder for O', applies it to O's uploads, and also
-    fine-tunes that decoder on pairs made with the real O; the better of the two on validation is the attack."""
+    """The adaptive attack: the attacker knows how O was trained (its run's config.toml) and trains its own O' that
+    way, on its own images with its own seed. It continues a decoder (`decoder`, from its `init`: in the suite, the
+    suite's decoder; else a plain decoder it trains first) on pairs from O and O' alike, and keeps whichever of
+    that decoder, the plain decoder and the mean image scores best on the real O's validation split."""
 
     obfuscator: str = ""  # the target O's run folder (its config.toml is the recipe)
     subset: str = "all"  # the attacker's own training images (never the test split) for O'
-    epochs: int = 0  # O's epochs (0 = the recipe's)
-    seed: int = 1  # O's seed: the attacker does not know O's
-    test_subset: str = "random:500"  # where O' and the decoders are scored (never trained on)
-    decoder: AttackConfig = field(default_factory=AttackConfig)  # for O', and for the fine-tune on the real O
-    finetune_epochs: int = 0  # epochs of the fine-tune on real-O pairs (0 = the decoder's epochs)
+    epochs: int = 0  # O''s epochs (0 = the recipe's)
+    seed: int = 1  # O''s seed: the attacker does not know O's
+    test_subset: str = "random:2000"  # where O' and the decoders are scored (never trained on)
+    decoder: AttackConfig = field(default_factory=AttackConfig)  # the continued decoder's recipe and budget
 
     def validate(self) -> None:
         if not self.obfuscator:
             raise UserError("config: obfuscator is required: the run folder of the obfuscator to attack (--obfuscator RUN)")
-        if self.epochs < 0 or self.finetune_epochs < 0:
-            raise UserError("config: epochs and finetune_epochs must be >= 0")
+        if self.epochs < 0:
+            raise UserError("config: epochs must be >= 0")
         subset(self.subset)
         subset(self.test_subset)
-        replace_ = dataclasses.replace(self.decoder, obfuscator=self.obfuscator)
-        replace_.validate()
+        dataclasses.replace(self.decoder, obfuscator=self.obfuscator).validate()
 
 
-@dataclass
-class ProbeConfig:
-    """The fresh classifier trained on an attack's reconstructions (k-fold over the suite's test images): does
-    the reconstruction still show what the image is? `ridge`: a linear classifier on the pixels, fitted in
-    closed form (cheap: for CPU budgets); `resnet18`: a ResNet18 trained from scratch (stronger)."""
-
-    kind: str = "ridge"  # ridge | resnet18
-    folds: int = 5
-    ridge: float = 1000.0  # ridge: the L2 penalty (on pixels in [0, 1])
-    width: int = 16  # resnet18: width
-    epochs: int = 15  # resnet18: epochs
-    batch_size: int = 64  # resnet18
-    flip: bool = True  # resnet18: random horizontal flips
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=2e-3, weight_decay=5e-4,
-                                                                   schedule="cosine", warmup_epochs=0.0))
-
-    def validate(self) -> None:
-        choice("probe.kind", self.kind, ("ridge", "resnet18"))
-        for name in ("width", "batch_size", "epochs"):
-            positive(f"probe.{name}", getattr(self, name))
-        if not self.ridge >= 0:
-            raise UserError(f"config: probe.ridge = {self.ridge!r} must be >= 0")
-        if self.folds < 2:
-            raise UserError(f"config: probe.folds = {self.folds} must be >= 2")
-        self.optim.validate("probe.optim")
-
-
-ATTACKS = ("decoder", "inversion", "decoder+inversion", "adaptive")
+ATTACKS = ("decoder", "label-aware", "adaptive", "decoder+inversion", "inversion")
 
 
 @dataclass
 class SuiteConfig:
-    """Every attack and the reference rows on the same test images (privacy/suite.py)."""
+    """Every attack and the reference rows on the same test images (privacy/suite.py).
+
+    One decoder recipe (`decoder`) serves every trained row: the plain decoder; the label-aware decoder and the
+    adaptive attack continue from it with the same budget; the label-only decoder (a reference: C's answer alone)
+    is trained from scratch by it."""
 
     obfuscator: str = ""  # the obfuscator run folder to attack
-    attacks: list[str] = field(default_factory=lambda: ["decoder", "inversion", "adaptive"])  # of ATTACKS
-    test_subset: str = "random:500"  # the images every row is scored on (overrides each attack's; the same for every seed)
-    seed: int = 0  # the attacks' and probes' seed; added to the adaptive attack's own seeds
+    attacks: list[str] = field(default_factory=lambda: ["decoder", "label-aware", "adaptive", "decoder+inversion"])
+    label_only: bool = True  # the label-only decoder (needs O's recipe, for C); the leakage beyond the class needs it
+    test_subset: str = "random:2000"  # the images every row is scored on (overrides each attack's; the same for every seed)
+    seed: int = 0  # the attacks' seed; added to the adaptive attack's O' seed
+    identify: list[int] = field(default_factory=lambda: [10, 100])  # candidates per image for identifiability
     decoder: AttackConfig = field(default_factory=AttackConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
         if not self.obfuscator:
@@ -342,25 +356,31 @@ class SuiteConfig:
             raise UserError(f"config: attacks = {self.attacks} must name each attack once, of {', '.join(ATTACKS)}")
         for a in self.attacks:
             choice("attacks[]", a, ATTACKS)
+        if not self.identify or not all(n >= 2 for n in self.identify):
+            raise UserError(f"config: identify = {self.identify} must list candidate counts >= 2")
         subset(self.test_subset)
-        self.probe.validate()
-        for a in self.attacks:  # each part as the suite runs it (its obfuscator and images are the suite's)
+        for a in self.attacks + (["label-only"] if self.label_only else []):  # each part as the suite runs it
             try:
                 self.part(a).validate()
             except UserError as e:
                 raise UserError(f"{a}: {e}") from None
 
     def part(self, attack: str, folder: str = "(the suite's decoder run)") -> Any:
-        """The config the suite runs `attack` with: the suite's obfuscator and test images."""
+        """The config the suite runs `attack` (or the label-only decoder) with: the suite's obfuscator, seed and test
+        images; `folder` is the suite's plain decoder run, where the others start."""
+        decoder = dataclasses.replace(self.decoder, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed)
         if attack == "decoder":
-            return dataclasses.replace(self.decoder, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed)
-        if attack == "adaptive":  # its seeds stay its own (O's is unknown to it), moved along with the suite's
-            decoder = dataclasses.replace(self.adaptive.decoder, seed=self.adaptive.decoder.seed + self.seed)
+            return decoder
+        if attack == "label-aware":
+            return dataclasses.replace(decoder, answer=True, init=folder)
+        if attack == "label-only":
+            return dataclasses.replace(decoder, arch="answer", answer=False)
+        if attack == "adaptive":  # O''s seed stays its own (O's is unknown to it), moved along with the suite's
             return dataclasses.replace(self.adaptive, obfuscator=self.obfuscator, test_subset=self.test_subset,
-                                       seed=self.adaptive.seed + self.seed, decoder=decoder)
+                                       seed=self.adaptive.seed + self.seed, decoder=dataclasses.replace(decoder, init=folder))
         start = "decoder" if attack == "decoder+inversion" else "mean"
         return dataclasses.replace(self.inversion, obfuscator=self.obfuscator, test_subset=self.test_subset, seed=self.seed,
-                                   start=start, decoder=folder if start == "decoder" else "")
+                                   subset=self.decoder.subset, start=start, decoder=folder if start == "decoder" else "")
 
 
 @dataclass

@@ -18,6 +18,12 @@ def check_dataset(name: str) -> str:
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or folder:PATH for your own images")
 
 
+def model_name(dataset: str) -> str:
+    """The name a classifier of `dataset` is published and served under, and the one a client asks for by
+    default: `cifar10-resnet18`, `orl-resnet18`, `folder-resnet18` (folder:PATH without its path)."""
+    return f"{dataset.split(':')[0]}-resnet18"
+
+
 def parse_size(text: str) -> tuple[int, int] | None:
     """`64x56` -> (64, 56): height x width, each a multiple of 8; "" -> None (the data set's own size)."""
     if not text:

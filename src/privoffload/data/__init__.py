@@ -18,8 +18,8 @@ from pathlib import Path
 from ..config.values import DATASETS as NAMES, check_dataset
 from ..errors import UserError
 from . import cifar10, folder, orl, pneumoniamnist
-from .base import (CIFAR10_CLASSES, MULTIPLE, Dataset, DeviceData, default_root, mirror, parse_size, parse_subset,
-                   project_root, quantize8, resize, select, shared_data, subset_indices, to_pixels)
+from .base import (CIFAR10_CLASSES, MULTIPLE, Dataset, DeviceData, PairedData, default_root, mirror, parse_size,
+                   parse_subset, project_root, quantize8, resize, select, shared_data, subset_indices, to_pixels)
 from .cifar10 import LAYOUTS, URLS, download, locate
 
 LOADERS = {"cifar10": cifar10.load, "pneumoniamnist": pneumoniamnist.load, "orl": orl.load}
@@ -27,7 +27,7 @@ DOWNLOADS = {"cifar10": cifar10.download, "pneumoniamnist": pneumoniamnist.downl
 CLASSES = CIFAR10_CLASSES  # the classes of networks whose files predate per-data-set metadata
 Cifar10 = Dataset  # the name this type had when CIFAR-10 was the only data set
 
-__all__ = ["Dataset", "Cifar10", "DeviceData", "load_dataset", "load_cifar10", "check_dataset", "download_dataset",
+__all__ = ["Dataset", "Cifar10", "DeviceData", "PairedData", "load_dataset", "load_cifar10", "check_dataset", "download_dataset",
            "select", "subset_indices", "parse_subset", "parse_size", "to_pixels", "quantize8", "mirror", "resize",
            "CLASSES", "CIFAR10_CLASSES", "MULTIPLE", "NAMES", "URLS", "LAYOUTS", "download", "locate", "default_root",
            "project_root", "shared_data"]

@@ -170,6 +170,13 @@ def mirror(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def on_device(a, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+    """An array or tensor as a tensor on `device` (numpy arrays made contiguous first)."""
+    if isinstance(a, np.ndarray):
+        a = np.ascontiguousarray(a)
+    return torch.as_tensor(a, dtype=dtype, device=device)
+
+
 class DeviceData:
     """Images and labels resident on one device; `batches` cuts shuffled, optionally flipped batches.
 
@@ -177,9 +184,9 @@ class DeviceData:
     of them, so that N ranks see exactly the images (and flips) of one process's batches.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu"):
-        self.x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    def __init__(self, x, y, device: torch.device | str = "cpu"):
+        self.x = on_device(x, None, device)
+        self.y = on_device(y, torch.int64, device)
         self.device = torch.device(device)
 
     def __len__(self) -> int:
@@ -191,7 +198,7 @@ class DeviceData:
 
     def batches(self, batch_size: int, *, shuffle: bool = False, flip_images: bool = False, seed: int = 0,
                 drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False):
-        """Yield (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
+        """Yield `cut` batches: (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         flips = torch.rand(len(self), generator=gen) < 0.5  # one draw per position of the epoch
@@ -199,13 +206,50 @@ class DeviceData:
         order, flips = order[mine].to(self.device), flips[mine].to(self.device)
         for i in range(self.steps(batch_size, drop_last, world)):
             part = slice(i * batch_size, (i + 1) * batch_size)
-            idx = order[part]
-            xb = self.x[idx]  # flips and layout in uint8, a quarter of the bytes; then float once
-            if flip_images:
-                xb = mirror(xb, flips[part])
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb.float().div_(255), self.y[idx]
+            yield self.cut(order[part], flips[part] if flip_images else None, channels_last)
+
+    def cut(self, idx: torch.Tensor, flips: torch.Tensor | None, channels_last: bool) -> tuple:
+        """One batch: the images at `idx` (mirrored where `flips` is set) as floats, and their labels."""
+        return as_float(self.x[idx], flips, channels_last), self.y[idx]
+
+    def paired(self, upload, answer=None) -> "PairedData":
+        """These images with what the cloud received for each: `upload` (uint8, same index), C's `answer`."""
+        return PairedData(self.x, self.y, upload, answer, self.device)
+
+
+def as_float(xb: torch.Tensor, flips: torch.Tensor | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images -> floats in [0, 1]; flips and layout are done in uint8, a quarter of the bytes."""
+    if flips is not None:
+        xb = mirror(xb, flips)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb.float().div_(255)
+
+
+class PairedData(DeviceData):
+    """Images beside their 8-bit uploads (uint8 [N, C, H, W], the same index) and C's answers on the uploads
+    (softmax [N, K], or None), resident on one device: an attacker's (upload, original) pairs. Batches are
+    (images, labels, uploads, answers), cut from the tensors with one index. Pairs are never mirrored: the
+    upload of a mirrored image is not the mirrored upload."""
+
+    def __init__(self, x, y, upload, answer=None, device: torch.device | str = "cpu"):
+        super().__init__(x, y, device)
+        self.upload = on_device(upload, torch.uint8, device)
+        self.answer = None if answer is None else on_device(answer, torch.float32, device)
+        if self.upload.shape != self.x.shape or (self.answer is not None and len(self.answer) != len(self.y)):
+            raise ValueError(f"uploads {tuple(self.upload.shape)} do not pair with images {tuple(self.x.shape)}")
+
+    def cut(self, idx: torch.Tensor, flips: torch.Tensor | None, channels_last: bool) -> tuple:
+        if flips is not None:
+            raise UserError("pairs of (upload, image) cannot be mirrored: set flip = false")
+        answer = None if self.answer is None else self.answer[idx]
+        return (as_float(self.x[idx], None, channels_last), self.y[idx], as_float(self.upload[idx], None, channels_last),
+                answer)
+
+    def part(self, start: int, stop: int | None = None) -> "PairedData":
+        """The pairs start:stop (a validation split), sharing memory."""
+        s = slice(start, stop)
+        return PairedData(self.x[s], self.y[s], self.upload[s], None if self.answer is None else self.answer[s], self.device)
 
 
 def select(data: Dataset, spec: str, seed: int = 0, split: str = "train") -> tuple[np.ndarray, np.ndarray]:

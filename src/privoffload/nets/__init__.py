@@ -23,16 +23,19 @@ from ..errors import UserError
 from ..runtime import atomic_path
 from .classifier import ResNet18, resnet18
 from .codec import Codec, codec
-from .unet import UNet, unet
+from .unet import AnswerDecoder, UNet, answer_features, unet
 
 # name -> class; each class is built as cls(width) and keeps `.width`
-ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet}
+ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet, "answer": AnswerDecoder}
+READS_ANSWER = ("unet", "answer")  # built with num_classes when given: they (may) read C's answer
 MAX_WIDTH = 512  # a ResNet18 this wide has 700M parameters; a file claiming more is refused before anything is built
 WIDTH = re.compile(r"[1-9][0-9]{0,3}")
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "ARCHS", "build", "arch_of", "image_of", "image_shape",
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "AnswerDecoder", "answer_features", "decode", "ARCHS", "build", "arch_of", "image_of", "image_shape",
            "image_args", "save", "load", "load_bytes", "load_into", "read_file", "read_header", "read_metadata"]
 MAX_SIDE, MAX_CLASSES = 1024, 10_000  # bounds on what a file's metadata may ask to build
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' dtypes, bytes per element
 
 
 def build(arch: str, width: int, **image) -> nn.Module:
@@ -43,11 +46,22 @@ def build(arch: str, width: int, **image) -> nn.Module:
     if not 1 <= width <= MAX_WIDTH:
         raise UserError(f"width {width} is out of range (1 to {MAX_WIDTH})")
     if arch != "resnet18":
-        image = {k: v for k, v in image.items() if k in ("channels", "size")}
+        image = {k: v for k, v in image.items() if k in ("channels", "size") or (k == "num_classes" and arch in READS_ANSWER)}
     try:
         return ARCHS[arch](width, **image)
     except ValueError as e:
         raise UserError(f"cannot build a {arch} for these images: {e}") from None
+
+
+def decode(net: nn.Module, upload: torch.Tensor, answer: torch.Tensor | None) -> torch.Tensor:
+    """What a decoder rebuilds from what the cloud has: the upload, and C's answer for the decoders that read it.
+    The label-only decoder is handed the answer alone: it never sees a pixel of the upload."""
+    inner = getattr(net, "module", net)
+    if isinstance(inner, AnswerDecoder):
+        return net(answer)
+    if "num_classes" in image_of(inner):
+        return net(upload, answer)
+    return net(upload)
 
 
 def image_of(model: nn.Module) -> dict:
@@ -65,7 +79,9 @@ def image_meta(model: nn.Module) -> dict[str, str]:
     i = image_of(model)
     meta = {"image": "x".join(map(str, image_shape(model)))}
     if "num_classes" in i:
-        meta.update(num_classes=str(i["num_classes"]), mean=",".join(map(repr, i["mean"])), std=",".join(map(repr, i["std"])))
+        meta["num_classes"] = str(i["num_classes"])
+    if "mean" in i:
+        meta.update(mean=",".join(map(repr, i["mean"])), std=",".join(map(repr, i["std"])))
     return meta
 
 
@@ -132,7 +148,8 @@ def read_file(path: str | Path) -> bytes:
 
 
 def read_header(data: bytes, name: str) -> tuple[dict[str, str], dict[str, list[int]]]:
-    """(metadata, {tensor name: shape}) of safetensors bytes, from the header alone: nothing is allocated."""
+    """(metadata, {tensor name: shape}) of safetensors bytes, from the header alone: nothing is allocated. Every
+    tensor's bytes must lie within the file, so a file cannot ask for a network larger than itself."""
     try:
         n = int.from_bytes(data[:8], "little")
         if len(data) < 8 or n > len(data) - 8:
@@ -143,11 +160,17 @@ def read_header(data: bytes, name: str) -> tuple[dict[str, str], dict[str, list[
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise ValueError("the metadata is not a table of strings")
-        shapes = {}
+        shapes, room = {}, len(data) - 8 - n
         for key, info in header.items():
             shape = info.get("shape") if isinstance(info, dict) else None
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise ValueError(f"tensor {key[:60]!r} has no valid shape")
+            offsets, itemsize = info.get("data_offsets"), DTYPE_BYTES.get(info.get("dtype"))
+            if itemsize is None or not (isinstance(offsets, list) and len(offsets) == 2
+                                        and all(type(o) is int for o in offsets)):
+                raise ValueError(f"tensor {key[:60]!r} has no valid dtype and data offsets")
+            if not 0 <= offsets[0] <= offsets[1] <= room or offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+                raise ValueError(f"tensor {key[:60]!r} of shape {shape[:6]} does not fit the file's {room} bytes of data")
             shapes[key] = shape
     except (ValueError, RecursionError) as e:
         raise UserError(f"{name} is not a readable safetensors file ({str(e)[:100]}); re-create it") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ from .. import config as config_mod
 from .. import nets
 from ..config import SuiteConfig
 from ..data import Dataset, load_dataset, quantize8, select
-from ..runs import load_attacker, load_codec, run_dataset
+from ..runs import load_attacker, load_classifier, load_codec, run_dataset
 from ..runtime import frozen, pick_device
+from .adaptive import MEAN, chosen
 from .inversion import invert
+from .uploads import recipe_classifier
 
 
 def one_per_class(labels: np.ndarray, n: int) -> np.ndarray:
@@ -23,23 +26,27 @@ def one_per_class(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def attack_rows(suite: Path, obf: torch.nn.Module, upload: torch.Tensor, data: Dataset,
-               dev: torch.device) -> dict[str, torch.Tensor]:
-    """One row per attack of a suite folder: decoders run on the upload, inversions run again on these images
-    with the suite's settings (the same budget; the per-image optimisation does not depend on other images)."""
+                dev: torch.device) -> dict[str, torch.Tensor]:
+    """One row per attack of a suite folder, and the label-only decoder's: decoders run on the upload (and C's
+    answer), the adaptive attack as it chose, inversions run again on these images with the suite's budget and the
+    rate and TV weight it chose on validation (the per-image search does not depend on other images)."""
     cfg = config_mod.load(SuiteConfig, suite / "config.toml")
+    answer = torch.softmax(frozen(load_classifier(recipe_classifier(cfg.obfuscator), dev))(upload).float(), 1)
+    mean = torch.from_numpy(select(data, cfg.decoder.subset, cfg.seed)[0]).float().mean(0, keepdim=True).div(255).to(dev)
     rows = {}
-    for name in cfg.attacks:
-        if name in ("decoder", "adaptive"):
+    for name in cfg.attacks + (["label-only"] if (suite / "label-only" / "attacker.safetensors").exists() else []):
+        if name in ("decoder", "label-aware", "label-only") or (name == "adaptive" and chosen(suite / name) != MEAN):
             attacker = frozen(load_attacker(suite / name, device=dev))
-            rows[f"{name}\n({nets.arch_of(attacker)['arch']})"] = attacker(upload)
+            rows[f"{name}\n({nets.arch_of(attacker)['arch']})"] = nets.decode(attacker, upload, answer)
+        elif name == "adaptive":
+            rows[f"{name}\n(chose the {MEAN})"] = mean.expand_as(upload)
         else:
             inv = cfg.part(name, str(suite / "decoder"))
-            if inv.start == "decoder":
-                start = frozen(load_attacker(inv.decoder, device=dev))(upload)
-            else:
-                start = torch.from_numpy(select(data, inv.subset, inv.seed)[0]).float().mean(0, keepdim=True).div(255).to(dev)
+            tuned = json.loads((suite / name / "tuning.json").read_text())["chosen"]
+            start = frozen(load_attacker(inv.decoder, device=dev))(upload) if inv.start == "decoder" else mean
             with torch.enable_grad():
-                rows[f"{name}\n({inv.steps} steps)"] = invert(obf, upload, start, steps=inv.steps, lr=inv.lr, tv=inv.tv)
+                rows[f"{name}\n({inv.steps} steps)"] = invert(obf, upload, start, steps=inv.steps, lr=tuned["lr"],
+                                                               tv=tuned["tv"])
     return rows
 
 

@@ -1,21 +1,43 @@
 """The attack suite: every attack on one obfuscator, with reference rows, on the same test images.
 
-    OUT/decoder, OUT/inversion, OUT/decoder+inversion, OUT/adaptive   one run folder per attack (resumable)
-    OUT/rows/<row>.json     each row's scores, written when the row is done (a rerun reuses them)
-    OUT/suite.json          the summary: utility, every row, the strongest attack and where it lies
-    OUT/config.toml, OUT/DONE
+    OUT/uploads/                 the cloud's view, cached once: uploads and C's answers (privacy/uploads.py)
+    OUT/decoder, OUT/label-aware, OUT/label-only, OUT/adaptive, OUT/decoder+inversion, OUT/inversion
+                                 one run folder per trained or searched row (resumable)
+    OUT/rows/<row>.json, .npz    each row's summary and per-image scores, written when the row is done (reused)
+    OUT/suite.json, OUT/config.toml, OUT/DONE
 
-Rows: the attacks, and references computed here on the same images: the mean training image and the
-per-class mean image (the cloud knows the class: C tells it), no defence (the identity obfuscator: the upload
-is the image, so the reconstruction is exact), the upload itself read as an image, and the co-trained D.
-Per row: PSNR and SSIM per image, then the mean with its 95 % t-interval over images; and the accuracy of a
-fresh classifier trained on the row's reconstructions (k-fold over the test images: each image is
-classified by a classifier that never saw it; a linear one on the pixels, or a ResNet18). The strongest attack is the one with the highest mean PSNR;
-its SSIM and its probe accuracy are placed between the mean image (0) and no defence (1).
+Attacks (docs/threat-model.md): the decoder (trained until validation stops improving), the label-aware decoder
+(the decoder continued with C's answer beside the upload), the adaptive attack (its own O' by O's recipe), the
+white-box inversion from the decoder's output (or from the mean image). References, on the same images: the mean
+training image, the per-class mean image of C's predicted class (the cloud has C's answer, never the label), the
+**label-only decoder** (the decoder's recipe on C's answer alone, no upload pixel: what any system that tells the
+cloud the class gives away), no defence (the upload is the image), the upload read as an image, the co-trained D.
+
+Per row, over the test images: PSNR and SSIM per image, their means with 95 % t-intervals, and identifiability:
+for each image, is its original the nearest neighbour (pixel L2) of the reconstruction among N candidates, itself
+and N - 1 other test images of the same predicted class (chance 1/N; fewer where the class has fewer images: the
+row says the effective chance). Every contrast is paired per image.
+
+The strongest attack is chosen on validation images, never on test images: the converged, non-empty attack with
+the best PSNR on the last `inversion.val_images` images of the decoder's training subset (held out of every
+decoder's training). The headline, **leakage beyond the class**, is that attack minus the label-only decoder,
+per image, in dB and SSIM with their 95 % intervals.
+
+suite.json:
+    obfuscator, test_subset, images (n), seed, identify ([N, ...]), val_images, utility {clean_accuracy,
+    quantized_obfuscated_accuracy}, wall_s {uploads, rows..., total}
+    rows: {name: {kind ("attack" | "reference"), psnr_db, psnr_ci, ssim, ssim_ci (mean, 95 % half-width over
+        images; psnr null = exact), identify {N: {rate, ci, chance, min_candidates}}, val_psnr_db (attacks),
+        trained rows: converged, best_epoch, epochs, budget, steps, arch, width, lr_cuts;
+        inversion: empty, lr, tv, mean_abs_change, steps, start_val_psnr_db; adaptive: chosen; wall_s}}
+    strongest (row name), strongest_converged (bool), strongest_psnr_db, max_ssim (over non-empty attacks),
+    position {psnr_db_above_mean_image, ssim: share of the way from the mean image to no defence},
+    leakage {attack, reference, psnr_db, psnr_ci, ssim, ssim_ci, converged, verdict} (null without label-only)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -24,78 +46,45 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .. import config as config_mod
 from .. import nets
-from ..config import ObfuscatorConfig, ProbeConfig, SuiteConfig
-from ..data import Dataset, DeviceData, load_cifar10, quantize8, select, to_pixels
-from ..metrics import accuracy, mean_ci, obfuscation_scores, psnr_ssim
-from ..runs import RunDir, is_done, load_attacker, load_classifier, load_codec, read_metrics
-from ..runtime import atomic_write_text, epoch_seed, frozen, pick_device, use_bf16
-from ..train.loop import make_optimizer, make_schedule
-from .adaptive import run_adaptive
+from ..config import SuiteConfig
+from ..data import Dataset, DeviceData, load_dataset, select
+from ..errors import UserError
+from ..metrics import accuracy, mean_ci, psnr_ssim
+from ..runs import RunDir, is_done, load_attacker, load_classifier, load_codec, read_metrics, run_dataset
+from ..runtime import atomic_write_bytes, atomic_write_text, frozen, pick_device, use_bf16
+from .adaptive import MEAN, chosen, known_pairs, run_adaptive
 from .attack import train_attack
-from .inversion import run_inversion
+from .inversion import reconstructions, run_inversion
+from .uploads import cloud_view, recipe_classifier
 
-REFERENCES = ("mean image", "per-class mean image", "no defence", "upload as image", "co-trained D")
-
-
-# ---------------------------------------------------------------- the fresh classifier on reconstructions
-
-def probe_correct(images: torch.Tensor, labels: torch.Tensor, cfg: ProbeConfig, *, seed: int,
-                  device: torch.device, classes: int = 10) -> np.ndarray:
-    """Per image: is it classified right by a fresh classifier fitted on the other folds' images? [N] bool.
-
-    `images` are reconstructions in [0, 1], kept as the 8-bit images an attacker would store."""
-    pixels, labels = to_pixels(images).cpu().numpy(), labels.cpu().numpy()
-    fold = np.random.default_rng(seed).permutation(len(labels)) % cfg.folds
-    correct = np.zeros(len(labels), dtype=bool)
-    fit = fit_ridge if cfg.kind == "ridge" else fit_resnet
-    for k in range(cfg.folds):
-        predict = fit(pixels[fold != k], labels[fold != k], cfg, seed=epoch_seed(seed, k), device=device, classes=classes)
-        correct[fold == k] = predict(pixels[fold == k]) == labels[fold == k]
-    return correct
+LABEL_ONLY = "label-only decoder"
+REFERENCES = ("mean image", "per-class mean image", LABEL_ONLY, "no defence", "upload as image", "co-trained D")
 
 
-def fit_ridge(pixels: np.ndarray, labels: np.ndarray, cfg: ProbeConfig, *, classes: int,
-              **_) -> Callable[[np.ndarray], np.ndarray]:
-    """A linear classifier on the pixels: ridge regression onto one-hot labels, solved in its dual (n x n)."""
-    a = torch.from_numpy(pixels).double().flatten(1) / 255
-    mu = a.mean(0)
-    a = a - mu
-    t = F.one_hot(torch.from_numpy(labels), classes).double()
-    alpha = torch.linalg.solve(a @ a.T + cfg.ridge * torch.eye(len(a), dtype=torch.float64), t - t.mean(0))
-    w = a.T @ alpha
-    return lambda px: ((torch.from_numpy(px).double().flatten(1) / 255 - mu) @ w).argmax(1).numpy()
+# ---------------------------------------------------------------- identifiability
+
+def candidates(predicted: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """Per test image i: i and up to n - 1 other images of its predicted class, drawn at random (the same draw
+    for every row of a suite, so that rows compare on the same candidates)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, c in enumerate(predicted):
+        others = np.flatnonzero(predicted == c)
+        others = others[others != i]
+        out.append(np.concatenate([[i], rng.choice(others, size=min(n - 1, len(others)), replace=False)]).astype(np.int64))
+    return out
 
 
-def fit_resnet(pixels: np.ndarray, labels: np.ndarray, cfg: ProbeConfig, *, seed: int,
-               device: torch.device, classes: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A ResNet18 trained from scratch on the images (Adam, flips, the schedule of `cfg.optim`)."""
-    torch.manual_seed(seed)
-    c, h, w = pixels.shape[1:]
-    model = nets.resnet18(cfg.width, num_classes=classes, channels=c, size=(h, w)).to(device)
-    train = DeviceData(pixels, labels, device)
-    batch = min(cfg.batch_size, len(train))
-    opt = make_optimizer(model.parameters(), cfg.optim)
-    sched = make_schedule(opt, cfg.optim, train.steps(batch, drop_last=True), cfg.epochs)
-    model.train()
-    for epoch in range(cfg.epochs):
-        for xb, yb in train.batches(batch, shuffle=True, flip_images=cfg.flip, seed=epoch_seed(seed, epoch), drop_last=True):
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-
-    @torch.no_grad()
-    def predict(px: np.ndarray) -> np.ndarray:
-        held = torch.from_numpy(px).to(device).float() / 255
-        return torch.cat([model(xb).argmax(1) for xb in held.split(500)]).cpu().numpy()
-
-    return predict
+def identified(rec: torch.Tensor, x: torch.Tensor, sets: list[np.ndarray]) -> np.ndarray:
+    """Per image: is its original strictly the nearest (pixel L2) of its candidates to its reconstruction? [N] bool."""
+    rec, x = rec.flatten(1).double(), x.flatten(1).double()
+    hits = np.zeros(len(sets), dtype=bool)
+    for i, cand in enumerate(sets):
+        d = ((x[torch.from_numpy(cand)] - rec[i]) ** 2).sum(1)
+        hits[i] = len(cand) > 1 and bool((d[0] < d[1:]).all())
+    return hits
 
 
 # ---------------------------------------------------------------- rows
@@ -105,174 +94,210 @@ def finite(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def score_row(rec: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: SuiteConfig, device: torch.device,
-              classes: int = 10) -> dict:
+def score_row(rec: torch.Tensor, x: torch.Tensor, sets: dict[int, list[np.ndarray]]) -> tuple[dict, dict[str, np.ndarray]]:
+    """A row's summary and its per-image scores (psnr, ssim, hits@N)."""
     psnr, ssim = psnr_ssim(rec, x)
     p, p_ci = mean_ci(psnr.numpy()) if torch.isfinite(psnr).all() else (float("inf"), 0.0)
     s, s_ci = mean_ci(ssim.numpy())
-    row = {"psnr_db": finite(p), "psnr_ci": finite(p_ci), "ssim": s, "ssim_ci": s_ci}
-    correct = probe_correct(rec, y, cfg.probe, seed=cfg.seed, device=device, classes=classes)
-    row["probe_accuracy"], row["probe_accuracy_ci"] = mean_ci(correct.astype(np.float64))
-    return row
+    row = {"psnr_db": finite(p), "psnr_ci": finite(p_ci), "ssim": s, "ssim_ci": s_ci, "identify": {}}
+    per_image = {"psnr": psnr.numpy(), "ssim": ssim.numpy()}
+    for n, cand in sets.items():
+        hits = identified(rec, x, cand)
+        rate, ci = mean_ci(hits.astype(np.float64))
+        sizes = np.array([len(c) for c in cand])
+        row["identify"][str(n)] = {"rate": rate, "ci": ci, "chance": float(np.mean(1 / sizes)),
+                                   "min_candidates": int(sizes.min())}
+        per_image[f"hits{n}"] = hits
+    return row, per_image
 
 
-def decoder_info(run: Path) -> dict:
-    """What a decoder run spent and where validation peaked."""
-    recs = [r for r in read_metrics(run) if "epoch" in r]
-    return {"epochs": recs[-1]["epoch"], "steps": recs[-1].get("steps"), "best_epoch": recs[-1].get("best_epoch"),
-            "arch": nets.read_metadata(run / "attacker.safetensors")["arch"]}
+def decoder_info(run: Path, budget: int) -> dict:
+    """What a decoder run spent, where validation peaked, and whether its stopping rule fired."""
+    recs = [r for r in read_metrics(run) if r.get("epoch")]
+    last = recs[-1]
+    meta = nets.read_metadata(run / "attacker.safetensors")
+    return {"epochs": last["epoch"], "budget": budget, "steps": last.get("steps"), "best_epoch": last.get("best_epoch"),
+            "converged": bool(last.get("converged")) and last.get("best_epoch", 0) < last["epoch"],
+            "lr_cuts": last.get("lr_cuts", 0), "arch": meta["arch"], "width": int(meta["width"])}
 
 
 @torch.no_grad()
-def decode(attacker: torch.nn.Module, upload: torch.Tensor) -> torch.Tensor:
-    return torch.cat([attacker(u) for u in upload.split(500)]).cpu()
+def decode_all(net: torch.nn.Module, upload: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    return torch.cat([nets.decode(net, upload[i:i + 500], answer[i:i + 500]).float()
+                      for i in range(0, len(upload), 500)]).cpu()
+
+
+def images(pixels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.as_tensor(pixels).to(device).float() / 255
 
 
 def run_suite(cfg: SuiteConfig, out: str | Path, *, resume: bool = True, data: Dataset | None = None,
               device: str = "auto", data_root: str | Path | None = None) -> Path:
     """Run (or go on with) every attack of `cfg` on its obfuscator, score every row; returns suite.json."""
     out = Path(out)
+    if not (Path(cfg.obfuscator) / "config.toml").exists():
+        raise UserError(f"{cfg.obfuscator} has no config.toml: the suite needs O's recipe (C's answers are part of "
+                        "what the cloud sees)")
     run = RunDir(out)
     run.start(cfg, resume)
     if is_done(out):
         return out / "suite.json"
+    t_start = time.perf_counter()
     dev = pick_device(device)
-    data = data or load_cifar10(data_root)
+    if data is None:
+        dataset, image_size = run_dataset(cfg.obfuscator)
+        data = load_dataset(dataset, data_root, image_size)
+    decoder_cfg = cfg.part("decoder")
+    bf16 = use_bf16(decoder_cfg.precision, dev)
+    uploads = out / "uploads"
+    kw = dict(resume=True, data=data, device=device, uploads=uploads)
+
+    # the cloud's view of the test images, and of the attacker's known images (their validation split too)
+    t0 = time.perf_counter()
     x_np, y_np = select(data, cfg.test_subset, split="test")  # the same test images whatever the seed
-    x, y = torch.from_numpy(x_np).to(dev).float() / 255, torch.from_numpy(y_np).to(dev)
-    obf = frozen(load_codec(cfg.obfuscator, device=dev))
-    with torch.no_grad():
-        upload = torch.cat([quantize8(obf(xb)) for xb in x.split(500)])
-    known, known_y = select(data, cfg.decoder.subset, cfg.seed)  # the training images the attacker knows
-    known = torch.from_numpy(known).float() / 255
-    class_means = torch.stack([known[known_y == c].mean(0) for c in range(len(data.classes))])
-    kw = dict(resume=True, data=data, device=device)
+    x = images(x_np)
+    up, ans = cloud_view(uploads, cfg.obfuscator, data, cfg.test_subset, answers=True, split="test", bf16=bf16, device=dev)
+    upload, answer = images(up, dev), torch.from_numpy(ans).to(dev)
+    predicted = ans.argmax(1)
+    train, val = known_pairs(decoder_cfg, data, uploads, dev, answers=True)
+    n_choice = min(cfg.inversion.val_images, len(val))
+    if n_choice < cfg.inversion.val_images and {"decoder+inversion", "inversion"} & set(cfg.attacks):
+        raise UserError(f"inversion.val_images = {cfg.inversion.val_images} exceeds the decoder's {len(val)} validation "
+                        "images (the inversion is tuned on them); lower it or raise decoder.val_split")
+    choice = val.part(len(val) - n_choice)  # the images the strongest attack is chosen on (the inversion's validation)
+    choice_x = images(choice.x)
+    known = images(train.x)
+    known_y = train.y.cpu()
+    mean = known.mean(0, keepdim=True)
+    class_means = torch.stack([known[known_y == c].mean(0) if (known_y == c).any() else mean[0]
+                               for c in range(len(data.classes))])
+    sets = {n: candidates(predicted, n, cfg.seed) for n in cfg.identify}
+    walls = {"uploads": time.perf_counter() - t0}
 
-    def attack(name: str) -> tuple[Callable[[], torch.Tensor], Callable[[], dict]]:
-        """(reconstructions, facts) of one attack, its run folder trained or reused first."""
-        folder, part = out / name, cfg.part(name, str(out / "decoder"))
-        if name == "decoder":
+    def decoded(folder: Path) -> tuple[torch.Tensor, float]:
+        """A trained decoder's test reconstructions, and its PSNR on the choice images."""
+        net = frozen(load_attacker(folder, dev))
+        val_psnr = psnr_ssim(decode_all(net, images(choice.upload, dev), choice.answer), choice_x)[0].mean().item()
+        return decode_all(net, upload, answer), val_psnr
+
+    def run_row(name: str) -> Callable[[], tuple[torch.Tensor, dict, float | None]]:
+        """A trained or searched row: its run folder made (or reused), then (reconstructions, facts, choice PSNR)."""
+        key = "label-only" if name == LABEL_ONLY else name
+        part, folder = cfg.part(key, str(out / "decoder")), out / key
+
+        def make():
+            if name in ("label-aware", "adaptive", "decoder+inversion"):
+                train_attack(decoder_cfg, out / "decoder", **kw)  # they start from the plain decoder
+            if name == "adaptive":
+                run_adaptive(part, folder, **kw)
+                pick = chosen(folder)
+                facts = {"chosen": pick, **decoder_info(folder / "mixed", part.decoder.epochs)}
+                if pick == MEAN:
+                    return mean.expand_as(x), facts, psnr_ssim(mean.expand_as(choice_x), choice_x)[0].mean().item()
+                rec, val_psnr = decoded(folder)
+                return rec, facts, val_psnr
+            if name in ("decoder+inversion", "inversion"):
+                run_inversion(part, folder, **kw)
+                rec = reconstructions(folder)
+                r = read_metrics(folder)[-1]
+                facts = {k: r[k] for k in ("steps", "lr", "tv", "empty", "mean_abs_change", "start_val_psnr_db", "val_change")}
+                if part.start == "decoder":  # a search from a decoder is no more converged than that decoder
+                    facts["start_converged"] = decoder_info(out / "decoder", decoder_cfg.epochs)["converged"]
+                return rec, facts, r["val_psnr_db"]
             train_attack(part, folder, **kw)
-            return lambda: decode(frozen(load_attacker(folder, dev)), upload), lambda: decoder_info(folder)
-        if name == "adaptive":
-            run_adaptive(part, folder, **kw)
-            return (lambda: decode(frozen(load_attacker(folder, dev)), upload),
-                    lambda: {**read_metrics(folder)[-1], **decoder_info(folder / read_metrics(folder)[-1]["chosen"])})
-        if name == "decoder+inversion" and "decoder" not in cfg.attacks:
-            train_attack(cfg.part("decoder"), out / "decoder", **kw)
-        run_inversion(part, folder, **kw)
-        return lambda: torch.load(folder / "reconstructions.pt", weights_only=True), lambda: {"steps": part.steps}
+            rec, val_psnr = decoded(folder)
+            return rec, decoder_info(folder, part.epochs), val_psnr
 
-    rows: dict[str, Callable[[], tuple[torch.Tensor, dict]]] = {
-        "mean image": lambda: (known.mean(0, keepdim=True).expand_as(x.cpu()), {}),
-        "per-class mean image": lambda: (class_means[y.cpu()], {}),
-        "no defence": lambda: (x.cpu(), {}),
-        "upload as image": lambda: (upload.cpu(), {}),
+        return make
+
+    rows: dict[str, tuple[str, Callable[[], tuple[torch.Tensor, dict, float | None]]]] = {
+        "mean image": ("reference", lambda: (mean.expand_as(x), {}, None)),
+        "per-class mean image": ("reference", lambda: (class_means[torch.from_numpy(predicted)], {}, None)),
     }
+    if cfg.label_only:
+        rows[LABEL_ONLY] = ("reference", run_row(LABEL_ONLY))
+    rows["no defence"] = ("reference", lambda: (x, {}, None))
+    rows["upload as image"] = ("reference", lambda: (upload.cpu(), {}, None))
     if (Path(cfg.obfuscator) / "deobfuscator.safetensors").exists():
-        rows["co-trained D"] = lambda: (decode(frozen(load_codec(cfg.obfuscator, "deobfuscator", dev)), upload), {})
+        rows["co-trained D"] = ("reference", lambda: (decode_all(frozen(load_codec(cfg.obfuscator, "deobfuscator", dev)),
+                                                                 upload, answer), {}, None))
     for name in cfg.attacks:
-        def attack_row(name=name):
-            t0 = time.perf_counter()
-            recon, facts = attack(name)
-            return recon(), {**facts(), "wall_s": time.perf_counter() - t0}
-        rows[name] = attack_row
+        rows[name] = ("attack", run_row(name))
 
     (out / "rows").mkdir(exist_ok=True)
-    scored = {}
-    for name, make in rows.items():
-        path = out / "rows" / f"{name.replace(' ', '-').replace('+', '-')}.json"
-        if path.exists():
-            scored[name] = json.loads(path.read_text())
+    scored, per_image = {}, {}
+    for name, (kind, make) in rows.items():
+        path = out / "rows" / name.replace(" ", "-").replace("+", "-")
+        if path.with_suffix(".json").exists() and path.with_suffix(".npz").exists():
+            scored[name] = json.loads(path.with_suffix(".json").read_text())
+            with np.load(path.with_suffix(".npz")) as f:
+                per_image[name] = dict(f)
             continue
         print(f"suite: {name}", flush=True)
-        rec, facts = make()
-        scored[name] = {"kind": "attack" if name in cfg.attacks else "reference", **score_row(rec, x.cpu(), y.cpu(), cfg, dev, len(data.classes)),
-                        **facts}
-        atomic_write_text(path, json.dumps(scored[name], indent=1) + "\n")
+        t0 = time.perf_counter()
+        rec, facts, val_psnr = make()
+        row, per_image[name] = score_row(rec.cpu(), x, sets)
+        scored[name] = {"kind": kind, **row, **facts, **({"val_psnr_db": val_psnr} if val_psnr is not None else {}),
+                        "wall_s": time.perf_counter() - t0}
+        save_npz(path.with_suffix(".npz"), per_image[name])
+        atomic_write_text(path.with_suffix(".json"), json.dumps(scored[name], indent=1) + "\n")
+    walls.update({name: r["wall_s"] for name, r in scored.items()})
+    walls["total"] = time.perf_counter() - t_start
 
-    summary = {"obfuscator": cfg.obfuscator, "test_subset": cfg.test_subset, "images": len(y_np),
-               "utility": utility(cfg, x_np, y_np, obf, dev), "rows": scored, **verdict(scored, cfg.attacks)}
+    summary = {"obfuscator": cfg.obfuscator, "test_subset": cfg.test_subset, "images": len(y_np), "seed": cfg.seed,
+               "identify": cfg.identify, "val_images": n_choice,
+               "utility": utility(cfg, x_np, y_np, predicted, dev, bf16), "rows": scored,
+               **verdict(scored, per_image, cfg.attacks), "wall_s": walls}
     atomic_write_text(out / "suite.json", json.dumps(summary, indent=1) + "\n")
     run.finish()
     return out / "suite.json"
 
 
-def utility(cfg: SuiteConfig, x: np.ndarray, y: np.ndarray, obf: torch.nn.Module, dev: torch.device) -> dict:
-    """C's clean, obfuscated and 8-bit obfuscated accuracy on the suite's images (C from O's recipe)."""
-    path = Path(cfg.obfuscator) / "config.toml"
-    if not path.exists():
-        return {}
-    classifier = frozen(load_classifier(config_mod.load(ObfuscatorConfig, path).classifier, dev))
-    data = DeviceData(x, y, dev)
-    bf16 = use_bf16("auto", dev)
-    return {"clean_accuracy": accuracy(classifier, data, bf16=bf16), **obfuscation_scores(classifier, obf, data, bf16=bf16)}
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
+
+def utility(cfg: SuiteConfig, x: np.ndarray, y: np.ndarray, predicted: np.ndarray, dev: torch.device, bf16: bool) -> dict:
+    """C's accuracy on the suite's images, clean and on the 8-bit uploads (C from O's recipe)."""
+    classifier = frozen(load_classifier(recipe_classifier(cfg.obfuscator), dev))
+    return {"clean_accuracy": accuracy(classifier, DeviceData(x, y, dev), bf16=bf16),
+            "quantized_obfuscated_accuracy": float(np.mean(predicted == y))}
+
+
+# ---------------------------------------------------------------- the verdict
 
 def position(rows: dict[str, dict], attack: str) -> dict[str, float | None]:
     """Where `attack` lies between the mean image (0) and no defence (1): its PSNR above the mean image's, and its
-    SSIM and fresh-classifier accuracy as shares of the way (PSNR has no top: no defence's is infinite)."""
+    SSIM as a share of the way (PSNR has no top: no defence's is infinite)."""
     s, lo, hi = rows[attack], rows["mean image"], rows["no defence"]
-    out = {"psnr_db_above_mean_image": None if s["psnr_db"] is None else s["psnr_db"] - lo["psnr_db"],
-           "ssim": (s["ssim"] - lo["ssim"]) / (hi["ssim"] - lo["ssim"])}
-    if "probe_accuracy" in s and hi["probe_accuracy"] != lo["probe_accuracy"]:
-        out["probe_accuracy"] = (s["probe_accuracy"] - lo["probe_accuracy"]) / (hi["probe_accuracy"] - lo["probe_accuracy"])
+    return {"psnr_db_above_mean_image": None if s["psnr_db"] is None else s["psnr_db"] - lo["psnr_db"],
+            "ssim": (s["ssim"] - lo["ssim"]) / (hi["ssim"] - lo["ssim"])}
+
+
+def usable(row: dict) -> bool:
+    """A row that can be the strongest attack: not an empty search, and converged where it was trained (a search
+    from a decoder: where that decoder was)."""
+    return not row.get("empty", False) and row.get("converged", True) and row.get("start_converged", True)
+
+
+def verdict(rows: dict[str, dict], per_image: dict[str, dict], attacks: list[str]) -> dict[str, Any]:
+    """The strongest attack (best validation PSNR among the usable attacks; of all the non-empty ones when none is
+    usable), where it lies, and the leakage beyond the class: it minus the label-only decoder, paired per image."""
+    pool = [a for a in attacks if usable(rows[a])] or [a for a in attacks if not rows[a].get("empty")] or attacks
+    strongest = max(pool, key=lambda a: rows[a].get("val_psnr_db", -math.inf))
+    converged = usable(rows[strongest])
+    out = {"strongest": strongest, "strongest_converged": converged, "strongest_psnr_db": rows[strongest]["psnr_db"],
+           "max_ssim": max(rows[a]["ssim"] for a in attacks if not rows[a].get("empty")) if any(
+               not rows[a].get("empty") for a in attacks) else rows[strongest]["ssim"],
+           "position": position(rows, strongest), "leakage": None}
+    if LABEL_ONLY in rows:
+        ref = rows[LABEL_ONLY]
+        d_psnr, d_ci = mean_ci(per_image[strongest]["psnr"] - per_image[LABEL_ONLY]["psnr"])
+        s_psnr, s_ci = mean_ci(per_image[strongest]["ssim"] - per_image[LABEL_ONLY]["ssim"])
+        both = converged and ref.get("converged", False)
+        out["leakage"] = {"attack": strongest, "reference": LABEL_ONLY, "psnr_db": d_psnr, "psnr_ci": d_ci,
+                          "ssim": s_psnr, "ssim_ci": s_ci, "converged": both,
+                          "verdict": "converged" if both else "lower bound, not converged"}
     return out
-
-
-def verdict(rows: dict[str, dict], attacks: list[str]) -> dict[str, Any]:
-    """The strongest attack (highest mean PSNR) and where it lies between the mean image (0) and no defence (1)."""
-    strongest = max(attacks, key=lambda a: rows[a]["psnr_db"] if rows[a]["psnr_db"] is not None else float("inf"))
-    return {"strongest": strongest, "strongest_psnr_db": rows[strongest]["psnr_db"],
-            "max_ssim": max(rows[a]["ssim"] for a in attacks), "position": position(rows, strongest)}
-
-
-# ---------------------------------------------------------------- the table
-
-def _ci(v: float | None, half: float | None, fmt: str) -> str:
-    if v is None:
-        return "∞ (exact)"
-    return f"{v:{fmt}} ± {half:{fmt}}" if half is not None and math.isfinite(half) else f"{v:{fmt}}"
-
-
-def budget_text(rows: list[dict]) -> str:
-    """What an attack spent (epochs, steps, validation's best epoch, choice, seconds): one row, or one per seed,
-    each value written once where the seeds agree and as 'a/b/c' where they differ."""
-    def joined(key: str) -> str:
-        values = [x[key] for x in rows]
-        return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
-
-    r, parts = rows[0], []
-    if r.get("epochs"):
-        parts.append(f"{joined('epochs')} epochs ({joined('steps')} steps), best at {joined('best_epoch')}"
-                     + (f", {r['arch']}" if r.get("arch") else ""))
-    elif r.get("steps"):
-        parts.append(f"{r['steps']} steps per image")
-    if r.get("chosen"):
-        parts.append(f"chose {joined('chosen')}")
-    if r.get("wall_s"):
-        parts.append(f"{sum(x['wall_s'] for x in rows) / len(rows):.0f} s")
-    return "; ".join(parts)
-
-
-def suite_rows(summary: dict) -> list[str]:
-    """A suite.json as markdown: one row per attack and reference, then the strongest attack and where it lies."""
-    lines = ["| row | kind | PSNR dB | SSIM | fresh-classifier acc. % | budget used |", "|---|---|---|---|---|---|"]
-    for name, r in summary["rows"].items():
-        probe = (f"{100 * r['probe_accuracy']:.1f} ± {100 * r['probe_accuracy_ci']:.1f}" if "probe_accuracy" in r else "–")
-        name_ = f"**{name}**" if name == summary["strongest"] else name
-        lines.append(f"| {name_} | {r['kind']} | {_ci(r['psnr_db'], r['psnr_ci'], '.2f')} | "
-                     f"{_ci(r['ssim'], r['ssim_ci'], '.3f')} | {probe} | {budget_text([r])} |")
-    pos = summary["position"]
-    above = pos["psnr_db_above_mean_image"]
-    where = (f"{'∞' if above is None else format(above, '+.2f')} dB above the mean image; SSIM {100 * pos['ssim']:.0f} % of the way "
-             f"from the mean image to no defence")
-    if "probe_accuracy" in pos:
-        where += f", fresh-classifier accuracy {100 * pos['probe_accuracy']:.0f} % of the way"
-    u = summary.get("utility") or {}
-    lines += ["", f"Strongest attack: **{summary['strongest']}** ({where}). {summary['images']} test images "
-              f"(`{summary['test_subset']}`); ± is the 95 % t-interval over images."]
-    if u:
-        lines.append(f"On the same images C's accuracy is {100 * u['clean_accuracy']:.2f} % clean and "
-                     f"{100 * u['quantized_obfuscated_accuracy']:.2f} % on the 8-bit uploads.")
-    return lines

@@ -115,7 +115,7 @@ class ClassifierTask(Task):
                 **{k: v.detach() for k, v in out.items()}}
 
     def end_epoch(self, epoch: int) -> dict:
-        """With a validation split (compat.val_images): the clean accuracy there, and for each published obfuscator
+        """With a validation split (compat.val_split): the clean accuracy there, and for each published obfuscator
         its uploads' accuracy on the new C and the share of them it turned from right (on the old C) to wrong."""
         ctx = self.ctx
         if ctx.val is None:
@@ -149,5 +149,5 @@ def train_classifier(cfg: ClassifierConfig, out: str | Path, *, resume: bool = F
                      device: str = "auto", probes: dict[str, nn.Module] | None = None,
                      data_root: str | Path | None = None) -> Path:
     """Train (or resume) a classifier run in `out`; returns the path of its weights."""
-    ctx = Context.open(cfg, out, data=data, device=device, data_root=data_root, holdout=cfg.compat.val_images)
+    ctx = Context.open(cfg, out, data=data, device=device, data_root=data_root, val_split=cfg.compat.val_split)
     return fit(ctx, ClassifierTask(ctx, probes), resume=resume) / "classifier.safetensors"

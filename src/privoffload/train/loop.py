@@ -141,6 +141,15 @@ def check_input(model: nn.Module, data: Dataset, what: str) -> nn.Module:
                         f"data set {data.name} gives {c}x{h}x{w}{' and ' + str(len(data.classes)) + ' classes' if 'num_classes' in want else ''}")
     return model
 
+def held_out(n: int, val_split: float, subset: str) -> int:
+    """How many of a subset's n images a validation share holds out (at least one where the share is > 0)."""
+    holdout = max(1, round(val_split * n)) if val_split > 0 else 0
+    if holdout and holdout >= n:
+        raise UserError(f"a validation split of {val_split:g} leaves none of the {n} images of subset {subset} to train on; "
+                        "lower val_split")
+    return holdout
+
+
 @dataclass
 class Context:
     """What a task is built from: its settings, where it runs, its data on the device and its run folder."""
@@ -159,19 +168,17 @@ class Context:
 
     @classmethod
     def open(cls, cfg: TrainConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
-             data_root: str | Path | None = None, holdout: int = 0) -> "Context":
+             data_root: str | Path | None = None, val_split: float = 0.0) -> "Context":
         """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs.
 
-        `holdout` > 0 carves the last `holdout` images of the training subset into `val`, a validation split
+        `val_split` > 0 carves that share of the training subset (its last images) into `val`, a validation split
         that training never sees (early stopping reads it, never the test split)."""
         dev = rank_device(pick_device(device))
         dist = init_dist(dev)
         run = RunDir(out, dist)
         data = dataset_for(cfg, data, data_root)
         x, y = select(data, cfg.subset, cfg.seed)
-        if holdout and not 0 < holdout < len(y):
-            raise UserError(f"a validation split of {holdout} images leaves none of the {len(y)} images of subset "
-                            f"{cfg.subset} to train on; lower val_images")
+        holdout = held_out(len(y), val_split, cfg.subset)
         val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
         train = DeviceData(x[:len(y) - holdout], y[:len(y) - holdout], dev)
         test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
@@ -221,8 +228,9 @@ class Task:
     def begin_epoch(self, epoch: int) -> None:
         """Before the epoch's first step (train mode, per-epoch draws)."""
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step; returns detached per-batch means, averaged over the epoch into the record."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, *rest: Any) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch (images, labels, and whatever else the task's data cuts with them:
+        `PairedData` adds uploads and C's answers); returns detached per-batch means, averaged into the record."""
         raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
@@ -268,8 +276,8 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
         task.begin_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         with progress.epoch(epoch + 1, ctx.steps):
-            for x, y in ctx.batches(epoch):
-                for key, value in task.step(x, y).items():
+            for batch in ctx.batches(epoch):
+                for key, value in task.step(*batch).items():
                     sums[key] = sums[key] + value if key in sums else value.float()
                 progress.step()
         means = (dist.sum(torch.stack(list(sums.values()))) / (ctx.steps * dist.world)).tolist()

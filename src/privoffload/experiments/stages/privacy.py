@@ -34,7 +34,9 @@ def suite_report(stage: str, label: str):
         return ([f"## Attack suite on {label}", ""] + suite_table({r.name: r[stage] for r in seeds}) +
                 ["", "Attacks and references: docs/threat-model.md. The attacks' numbers are lower bounds on what an "
                  "adversary can recover (a stronger attack can only do better); the references bracket them: the mean "
-                 "image recovers nothing image-specific, no defence recovers everything. The obfuscation is not "
+                 "image recovers nothing image-specific, the label-only decoder what the class gives away, no defence "
+                 "everything. The co-trained D's PSNR is no privacy figure: O can push D's output below a guess while a "
+                 "fresh attacker still recovers the image. The obfuscation is not "
                  "differential privacy in the formal sense: no noise is calibrated to a privacy budget."])
     return report
 
