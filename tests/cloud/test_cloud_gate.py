@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from privoffload import nets
@@ -101,8 +102,11 @@ def test_allow_breaking_publishes_with_the_obfuscator_unsupported_and_signed(gat
         public.verify(base64.b64decode(repo.signature(MODEL, v)), text.encode())
 
 
-def test_a_client_announcing_its_obfuscator_is_answered_by_a_version_that_supports_it(gated, weights, cifar):
+def test_a_client_announcing_its_obfuscator_is_answered_by_a_version_that_supports_it(gated, weights, cifar, tmp_path,
+                                                                                   monkeypatch):
     repo, _ = gated
+    Image.fromarray(cifar.x_test[0].transpose(1, 2, 0)).save(tmp_path / "one.png")
+    monkeypatch.setenv("PRIVOFFLOAD_TOKEN", TOKEN)
     repo.record_served(MODEL, 3)  # the breaking version serves
     images = cifar.x_test[:8]
     with serve(repo, max_batch_images=64) as server:
@@ -111,6 +115,10 @@ def test_a_client_announcing_its_obfuscator_is_answered_by_a_version_that_suppor
             assert {plain.classify(images).model_version} == {"3"}
             assert {announcing.classify(images).model_version} == {"2"}  # the newest older version that supports it
             assert {plain.classify(images).model_version} == {"3"}  # and the served version is unchanged
+        for extra, version in (((), "3"), (("--obfuscator-version", "1"), "2")):
+            done = cli("classify", tmp_path / "one.png", "--server", server.url, "--obfuscator", weights["obfuscator"],
+                       "--json", *extra)
+            assert done.exit_code == 0 and json.loads(done.stdout)[0]["model_version"] == version, done.output
 
         body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [128] * 3072}],
                 "parameters": {"obfuscator_version": "7"}}
