@@ -31,9 +31,15 @@ pytestmark = pytest.mark.slow  # the whole protocol, twice: tens of seconds (`ma
 
 
 def stage_files(out):
-    """Each stage's record: its metrics.jsonl, or a suite stage's suite.json."""
-    return {f"{seed}/{s}": (out / seed / s / ("suite.json" if s in SUITES else "metrics.jsonl")).read_text()
-            for seed in ("seed-0", "seed-1") for s in STAGES}
+    """Each stage's record: a suite stage's suite.json, else every metrics.jsonl in its folder (a group stage's
+    runs are its subfolders)."""
+    def record(folder):
+        if folder.name in SUITES:
+            return (folder / "suite.json").read_text()
+        logs = sorted(folder.rglob("metrics.jsonl"))
+        assert logs, f"{folder} has no metrics.jsonl"
+        return "".join(f.read_text() for f in logs)
+    return {f"{seed}/{s}": record(out / seed / s) for seed in ("seed-0", "seed-1") for s in STAGES}
 
 
 @pytest.fixture(scope="module")

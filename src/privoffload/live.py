@@ -35,6 +35,7 @@ from .cloud.repository import Repository, new_key_pair
 from .cloud.server import uvicorn_config
 from .config import DriftConfig, ServeConfig, model_name
 from .data import select
+from .errors import UserError
 from .experiments.stage import Seed
 from .experiments.stages.live import COMPATIBLE_UPDATE, LiveConfig
 from .runs import RunDir, is_done
@@ -114,7 +115,8 @@ def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.nda
             repo.publish(folder / update / "classifier.safetensors", model, source=update, signing_key=private)
             loaded = httpx.post(f"{server.url}/v2/repository/models/{model}/load", json={},
                                 headers={"Authorization": f"Bearer {admin}"}, timeout=120)
-            loaded.raise_for_status()
+            if loaded.status_code != 200:  # the service keeps the old version; the protocol stops with the reason
+                raise UserError(f"live: the service refused the update {folder / update}: {loaded.text[:300]}")
             after_swap = client.classify(x)  # answered by the new model; the client notices and re-syncs afterwards
             after_resync = client.classify(x)
             seconds = time.perf_counter() - t0

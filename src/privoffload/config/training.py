@@ -100,11 +100,14 @@ class CompatConfig:
     weight: float = 1.0  # the term's weight beside the clean cross-entropy (its mean over the obfuscators)
     loss: str = "kl"  # kl: KL(old C || new C) on every upload | focal: only where the old C named the right class
     val_split: float = 0.0  # share of `subset` held out: each epoch scores the term's effect there (choosing loss and weight)
+    max_grad_norm: float = 5.0  # with the term, each step's gradient norm is clipped to this (it diverged without, at toy sizes)
 
     def validate(self) -> None:
         choice("compat.loss", self.loss, COMPAT_LOSSES)
         if not self.weight >= 0:
             raise UserError(f"config: compat.weight = {self.weight!r} must be >= 0")
+        if not self.max_grad_norm > 0:
+            raise UserError(f"config: compat.max_grad_norm = {self.max_grad_norm!r} must be > 0")
         if not 0 <= self.val_split < 1:
             raise UserError(f"config: compat.val_split = {self.val_split!r} is a share of the subset, from 0 to below 1")
         if len(set(self.obfuscators)) != len(self.obfuscators):

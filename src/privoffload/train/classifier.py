@@ -109,6 +109,8 @@ class ClassifierTask(Task):
                 loss = loss + self.ctx.cfg.compat.weight * out["train_compat_loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.compat is not None:  # the eval-mode path can run away from the running statistics: bound the step
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.ctx.cfg.compat.max_grad_norm)
         self.opt.step()
         self.sched.step()
         return {"train_loss": loss.detach(), "train_accuracy": (logits.argmax(1) == y).float().mean(),
