@@ -15,8 +15,8 @@ import pytest
 from privoffload.errors import UserError
 from privoffload.experiments.report import seed_records, write_report
 from privoffload.experiments.stage import RecordError
-from privoffload.experiments.stages import paper, resync, robust
-from privoffload.experiments.stats import estimate, t_quantile, verdict
+from privoffload.experiments.stages import paper, resync, robust, updates
+from privoffload.experiments.stats import estimate, fieller, t_quantile, verdict
 
 from .helpers import assert_user_error, run_cli
 
@@ -32,8 +32,17 @@ def probes(o0: float) -> dict:
     return {"O0": {"quantized_obfuscated_accuracy": o0}}
 
 
-def make_seed(folder, o0: float, o0_final: float, robust_final: float, black_after: float, attack_robust: float) -> None:
-    """One seed's logs: C0 0.60 -> 0.80; O0 o0 -> o0_final; robust o0 -> robust_final; white-box regains 0.10."""
+def updates_log(folder, o0: float, finals: list[float], clean: float = 0.8) -> None:
+    """A drift stage's replicas: O0 o0 on C0, finals[k] on replica k; C clean 0.6 -> `clean`."""
+    log(folder, {"images": 10000, "c0": 0.6, "o0@c0": o0, "replicas": [
+        {"run": f"replica-{k}", "clean": clean, "o0": f, "o0_negative_flips": max(o0 - f, 0.0)} for k, f in enumerate(finals)]})
+
+
+def make_seed(folder, o0: float, o0_final: float, robust_final: float, black_after: float, attack_robust: float,
+              compat_final: float | None = None) -> None:
+    """One seed's logs: C0 0.60 -> 0.80; O0 o0 -> o0_final (on both drifts); robust o0 -> robust_final; the remap
+    lifts O0 by 0.05 and white-box regains 0.10 more; O0 on the compatible drift: compat_final (o0 - a tenth of the
+    plain drop by default)."""
     log(folder / "c0", {"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.6})
     log(folder / "o0", {"epoch": 1, "quantized_obfuscated_accuracy": o0, "deobfuscator_psnr_db": 13.0, "deobfuscator_ssim": 0.2})
     log(folder / "drift", {"epoch": 0, "test_accuracy": 0.6, "probes": probes(o0)},
@@ -45,16 +54,27 @@ def make_seed(folder, o0: float, o0_final: float, robust_final: float, black_aft
                             "recovery@drift": 0.45})
     curves = {"O0": {"0": o0, "1": (o0 + o0_final) / 2, "2": o0_final},
               "robust": {"0": o0, "1": (o0 + robust_final) / 2, "2": robust_final}}
-    log(folder / "robust-drift", {"images": 10000, "curves": curves,
-                                  "ends": {"O0@c0": o0, "O0@drift": o0_final, "robust@c0": o0, "robust@drift": robust_final}})
+    log(folder / "robust-drift", {"images": 10000, "curves": curves, "replicas": ["drift", "replica-1"],
+                                  "ends": {"O0@c0": o0, "O0@drift": o0_final, "O0@replica-1": o0_final, "robust@c0": o0,
+                                           "robust@drift": robust_final, "robust@replica-1": robust_final}})
+    updates_log(folder / "drift-replicas", o0, [o0_final, o0_final])
+    compat_final = o0 - (o0 - o0_final) / 10 if compat_final is None else compat_final
+    updates_log(folder / "compatible-drift", o0, [compat_final, compat_final], clean=0.795)
+    live = lambda name, update, after: {"obfuscator": name, "update": update, "images": 500, "before_swap": o0,  # noqa: E731
+                                        "after_swap": after, "after_resync": o0}
+    log(folder / "live", live("robust", "drift", robust_final), live("o0", "drift", o0_final),
+        live("o0", "compatible-drift/replica-0", compat_final))
+    log(folder / "remap", {"queries": 256, "before": o0_final, "after": o0_final + 0.05, "images": 10000,
+                           "remap": {"weight": [[1.0, 0.0], [0.0, 1.0]], "bias": [0.0, 0.0]}})
     log(folder / "attack-o0", {"epoch": 1, "attacker_psnr_db": 14.0, "attacker_ssim": 0.3})
     log(folder / "attack-robust", {"epoch": 1, "attacker_psnr_db": attack_robust, "attacker_ssim": 0.3})
-    log(folder / "whitebox", {"step": 0, "queries": 0, "quantized_obfuscated_accuracy": o0_final},
-        {"step": 10, "queries": 0, "quantized_obfuscated_accuracy": o0_final + 0.10, "deobfuscator_psnr_db": 13.1},
-        {"images": 10000, "before": o0_final, "after": o0_final + 0.10})
-    log(folder / "blackbox", {"step": 0, "queries": 0, "quantized_obfuscated_accuracy": o0_final},
+    remapped = o0_final + 0.05
+    log(folder / "whitebox", {"step": 0, "queries": 0, "quantized_obfuscated_accuracy": remapped},
+        {"step": 10, "queries": 0, "quantized_obfuscated_accuracy": remapped + 0.10, "deobfuscator_psnr_db": 13.1},
+        {"images": 10000, "before": remapped, "after": remapped + 0.10})
+    log(folder / "blackbox", {"step": 0, "queries": 0, "quantized_obfuscated_accuracy": remapped},
         {"step": 10, "queries": 512, "quantized_obfuscated_accuracy": black_after, "deobfuscator_psnr_db": 13.2,
-         "agreement": 0.7}, {"images": 10000, "before": o0_final, "after": black_after})
+         "agreement": 0.7}, {"images": 10000, "before": remapped, "after": black_after})
 
 
 def test_t_interval_matches_the_t_table():
@@ -82,12 +102,36 @@ def test_drop_after_on_average_and_at_worst():
     assert robust.drop(0.4, [0.5])["drop"] == pytest.approx(-0.25)  # a gain is a negative drop
 
 
+def test_fieller_interval_in_known_cases():
+    """A denominator without spread gives the t-interval of the numerator divided by it; a numerator proportional to
+    the denominator gives that proportion exactly; a denominator not resolved from zero gives an unbounded set; and
+    every endpoint solves Fieller's quadratic (checked by brute force on a grid)."""
+    a, b = [0.1, 0.2, 0.35, 0.15], [0.5] * 4
+    m, half = sum(a) / 4, estimate(a).half
+    r = fieller(a, b)
+    assert (r.value, r.n) == (pytest.approx(0.4), 4) and (r.low, r.high) == (pytest.approx((m - half) / 0.5),
+                                                                            pytest.approx((m + half) / 0.5))
+    prop = fieller([0.25 * x for x in (0.3, 0.5, 0.4, 0.6)], [0.3, 0.5, 0.4, 0.6])
+    assert prop.low == pytest.approx(0.25) and prop.high == pytest.approx(0.25)
+    loose = fieller([0.1, 0.2, -0.1], [0.1, -0.2, 0.15])
+    assert math.isinf(loose.low) and math.isinf(loose.high) and "unbounded" in loose.text()
+    assert verdict(loose, 0.2, at_least=False).startswith("not resolved (unbounded")
+    a, b = [0.12, 0.05, 0.2, 0.09, 0.15], [0.3, 0.2, 0.45, 0.4, 0.35]
+    r, t2, n = fieller(a, b), t_quantile(5) ** 2, 5
+    ma, mb = sum(a) / n, sum(b) / n
+    var = lambda q: sum(((x - ma) - q * (y - mb)) ** 2 for x, y in zip(a, b)) / (n - 1) / n  # noqa: E731
+    inside = [q / 1000 for q in range(-1000, 2000) if (ma - q / 1000 * mb) ** 2 <= t2 * var(q / 1000)]
+    assert (inside[0], inside[-1]) == (pytest.approx(r.low, abs=1e-3), pytest.approx(r.high, abs=1e-3))
+    assert fieller([0.1], [0.2]).text() == "0.50" and fieller([0.1, 0.2], [-0.1, -0.2]).text().startswith("–")
+
+
 @pytest.fixture
 def protocol(tmp_path):
-    """Three seeds: O0 0.40 -> 0.20 (drop 0.50), the robust O drops 0.10, black-box regains 95 % of white-box."""
+    """Three seeds: O0 0.40 -> 0.20 (drop 0.50), the robust O drops 0.10; the remap lifts O0 by 0.05, white-box
+    regains 0.10 over it, black-box 0.095; the compatible drift leaves a tenth of the drop."""
     out = tmp_path / "run"
     for s, o0 in enumerate((0.39, 0.40, 0.41)):
-        make_seed(out / f"seed-{s}", o0=o0, o0_final=o0 / 2, robust_final=o0 * 0.9, black_after=o0 / 2 + 0.095,
+        make_seed(out / f"seed-{s}", o0=o0, o0_final=o0 / 2, robust_final=o0 * 0.9, black_after=o0 / 2 + 0.145,
                   attack_robust=14.3)
     return out
 
@@ -98,8 +142,13 @@ def test_records_take_the_ends_of_ratios_from_the_scores(protocol):
     assert n["o0_ratio"] == pytest.approx(0.40 / 0.6) and n["drop"] == pytest.approx(0.5)
     assert n["recovery_ratio"] == pytest.approx(0.45 / 0.8)
     b = robust.numbers(r)
-    assert b["robust_drop_ratio"] == pytest.approx(0.1 / 0.5) and b["privacy_gap_db"] == pytest.approx(0.3)
-    assert resync.share(r) == pytest.approx(0.95) and r["blackbox"].queries == 512
+    assert b["robust_end"] - b["plain_end"] == pytest.approx(0.4 * 0.40) and b["privacy_gap_db"] == pytest.approx(0.3)
+    assert b["replicas"] == 2 and b["robust_drop"] == pytest.approx(0.1)
+    assert resync.gains(r) == (pytest.approx(0.10), pytest.approx(0.095)) and r["blackbox"].queries == 512
+    assert resync.contrast(r) == pytest.approx(0.095 - 0.9 * 0.10)
+    (n,) = updates.paired([r])
+    assert n["drop_plain"] == pytest.approx(0.5) and n["drop_compat"] == pytest.approx(0.05)
+    assert n["o0_negative_flips_plain"] == pytest.approx(0.2) and n["clean_compat"] - n["clean_plain"] == pytest.approx(-0.005)
     assert paper.recovery_curve(r)[0] == pytest.approx(0.20)  # recovery starts where the drift left O0
 
 
@@ -110,26 +159,40 @@ def test_report_prints_means_intervals_and_verdicts(protocol):
     assert "| relative drop of O0 after the drift | 0.50 | 0.50 ± 0.00 | at least 0.35 | met |" in report
     assert "| O after recovery / C after drift | 0.90 | 0.56 ± 0.00 | at least 0.60 | missed |" in report
     assert f"| O0 obfuscated accuracy | 40.68 | {estimate([0.39, 0.40, 0.41]).text(100)} | |" in report
-    assert "after the drift 0.20 ± 0.00 (met)" in report and "0.30 ± 0.00 dB (target at most 0.5 dB: met)" in report
-    assert "Black-box regained 0.95 ± 0.00 of what white-box regained (target at least 0.9: met)" in report
+    after = estimate([0.4 * o0 for o0 in (0.39, 0.40, 0.41)])
+    assert f"robust minus O0 (paired, n = 3): {after.text(100)} points (target: at or above O0, met)" in report
+    assert "On C0, robust minus O0 (n = 3): 0.00 ± 0.00 points (non-inferiority: it may give up at most 2 points there, met)" in report
+    assert "0.30 ± 0.00 dB (target at most 0.5 dB: met)" in report
+    assert "minus 0.9 x white-box's (paired per seed, n = 3): 0.50 ± 0.00 points (target at least 0: met)" in report
+    assert "| remap, then black-box | 3 | 10 | 768 |" in report  # the remap's queries count against black-box
+    assert "(ratio of the mean drops, Fieller 95 % interval, n = 3): 0.10 [0.10, 0.10] (target at most 0.2: met)" in report
+    assert "compatible minus plain (paired, n = 3): -0.50 ± 0.00 points (non-inferiority margin 1 point: met)" in report
+    o0s = estimate([0.39, 0.40, 0.41]).text(100)
+    assert f"| O0, compatible update | 3 | {o0s} | {estimate([0.95 * o0 for o0 in (0.39, 0.40, 0.41)]).text(100)} | {o0s} |" in report
+    loss = estimate([o0 / 20 - 0.2 * o0 / 2 for o0 in (0.39, 0.40, 0.41)])  # a tenth of the drop, less a fifth of it
+    assert f"O0's client loses {loss.text(100)} points minus 0.2 x what the plain swap takes" in report
+    assert "target at most 0, it keeps its accuracy: met" in report
     assert "3 seeds: seed-0, seed-1, seed-2" in report and "n = 3 seeds × 10,000 test images" in report
 
 
 def test_report_says_missed_when_the_methods_miss(protocol):
-    for s, o0 in enumerate((0.39, 0.40, 0.41)):  # a robust O that drops as much as O0, a black-box that regains half
-        make_seed(protocol / f"seed-{s}", o0=o0, o0_final=o0 / 2, robust_final=o0 / 2, black_after=o0 / 2 + 0.05,
-                  attack_robust=15.0 + s / 10)
+    for s, o0 in enumerate((0.39, 0.40, 0.41)):  # a robust O that ends below O0, a black-box that regains half
+        make_seed(protocol / f"seed-{s}", o0=o0, o0_final=o0 / 2, robust_final=o0 / 2 - 0.05,
+                  black_after=o0 / 2 + 0.10, attack_robust=15.0 + s / 10, compat_final=o0 / 2)
     report = write_report(protocol).read_text()
-    assert "after the drift 1.00 ± 0.00 (missed)" in report
+    assert "points (target: at or above O0, missed)" in report
     assert "(target at most 0.5 dB: missed)" in report
-    assert "(target at least 0.9: missed)" in report
+    assert "points (target at least 0: missed)" in report
 
 
-def test_a_seed_whose_ratio_has_no_denominator_is_counted_not_hidden(protocol):
-    make_seed(protocol / "seed-2", o0=0.41, o0_final=0.41, robust_final=0.40, black_after=0.45, attack_robust=14.3)
-    report = write_report(protocol).read_text()  # seed 2's O0 did not drop: its ratio is undefined, and said so
-    assert "after the drift 0.20 ± 0.00 (not resolved" not in report
-    assert "1 seed without a value (O0 did not drop)" in report
+def test_a_seed_whose_drop_is_zero_is_counted_not_hidden(protocol):
+    make_seed(protocol / "seed-2", o0=0.41, o0_final=0.41, robust_final=0.40, black_after=0.45, attack_robust=14.3,
+              compat_final=0.41)
+    report = write_report(protocol).read_text()  # seed 2's O0 did not drop: the ratios of mean drops keep it
+    drops = ([0.5, 0.5, 0.0], [0.05, 0.05, 0.0])
+    expected = fieller(drops[1], drops[0])
+    assert f"(ratio of the mean drops, Fieller 95 % interval, n = 3): {expected.text()}" in report
+    assert "| seed-2 | 2 | 80.00 | 79.50 | 41.00 | 41.00 | 41.00 | 0.000 | 0.000 | 0.00 | 0.00 |" in report
 
 
 def test_the_same_logs_give_the_same_report(protocol):

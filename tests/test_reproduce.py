@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 import pytest
 
@@ -21,17 +22,24 @@ from .helpers import assert_user_error, cli, free_port, kill_at_checkpoint, run_
 
 FIGURES = ("fig4_samples.png", "fig5_accuracy.png", "fig6_drift.png", "fig7_recovery.png", "fig8_resync.png",
            "fig9_robust_cost.png", "fig11_robust_drift.png")
-STAGES = ("c0", "o0", "drift", "recovery", "scores", "privacy", "privacy-o0", "trajectory", "robust", "control",
-          "attack-o0", "attack-robust", "robust-drift", "whitebox", "blackbox", "remap", "live")
+STAGES = ("c0", "o0", "drift", "recovery", "scores", "privacy", "privacy-o0", "drift-replicas", "compatible-drift",
+          "stand-ins", "robust", "control", "attack-o0", "attack-robust", "robust-drift", "remap", "whitebox", "blackbox",
+          "live")
 SUITES = {"privacy-o0": "O0 (baseline)", "privacy": "the final O (after recovery)"}
 SMOKE = ("reproduce", "--profile", "smoke", "--stages", "all", "--seeds", "2", "--jobs", "2")
 pytestmark = pytest.mark.slow  # the whole protocol, twice: tens of seconds (`make test` runs it; -m "not slow" skips)
 
 
 def stage_files(out):
-    """Each stage's record: its metrics.jsonl, or a suite stage's suite.json."""
-    return {f"{seed}/{s}": (out / seed / s / ("suite.json" if s in SUITES else "metrics.jsonl")).read_text()
-            for seed in ("seed-0", "seed-1") for s in STAGES}
+    """Each stage's record: a suite stage's suite.json, else every metrics.jsonl in its folder (a group stage's
+    runs are its subfolders)."""
+    def record(folder):
+        if folder.name in SUITES:
+            return (folder / "suite.json").read_text()
+        logs = sorted(folder.rglob("metrics.jsonl"))
+        assert logs, f"{folder} has no metrics.jsonl"
+        return "".join(f.read_text() for f in logs)
+    return {f"{seed}/{s}": record(out / seed / s) for seed in ("seed-0", "seed-1") for s in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +61,7 @@ def test_report_over_seeds_and_figures(smoke):
     o0 = [read_metrics(out / f"seed-{s}" / "scores")[-1]["o0@c0"] for s in (0, 1)]
     assert f"| C0 test accuracy | 70.82 | {estimate(c0).text(100)} |" in report  # the seeds' own numbers, with their CI
     assert f"| O0 obfuscated accuracy | 40.68 | {estimate(o0).text(100)} |" in report
-    assert "2 seeds: seed-0, seed-1" in report and "| black-box | 8 | 256 |" in report  # the smoke profile's budgets
+    assert "2 seeds: seed-0, seed-1" in report and "| remap, then black-box | 2 | 8 | 512 |" in report  # smoke budgets
     for stage, label in SUITES.items():  # each seed's suite, aggregated over the two seeds
         summaries = [json.loads((out / f"seed-{s}" / stage / "suite.json").read_text()) for s in (0, 1)]
         assert f"## Attack suite on {label}" in report
@@ -120,18 +128,24 @@ def test_another_config_is_refused(smoke, tmp_path):
     assert_user_error(cli("plot", tmp_path), "no seed folder")
 
 
-def test_stand_ins_must_not_see_the_drift_data(tmp_path):
-    """The robust obfuscator's stand-ins for the update train on images the update never sees, in every profile;
-    the robust O trains against their snapshots, and its control against C0 alone, for the same steps."""
+def test_stand_ins_and_replicas_follow_the_update_recipe(tmp_path):
+    """The robust obfuscator's stand-ins are independent runs of the drift's own recipe on images the update never
+    sees, in every profile; the robust O trains against them, its control against C0 alone, for the same steps. The
+    drift's replicas and the compatible drifts share the drift's recipe, and replica r of both shares its seed."""
     for profile in ("smoke", "quick", "paper"):
-        stages = stage_configs(load_profile(profile), tmp_path)
-        trajectory, robust, control = stages["trajectory"], stages["robust"], stages["control"]
-        assert robust.ensemble == [str(tmp_path / "trajectory" / f"epoch-{e}") for e in
-                                   range(trajectory.snapshot_every, trajectory.epochs + 1, trajectory.snapshot_every)]
+        stages = stage_configs(load_profile(profile), tmp_path, seed=2)
+        drift, stand_ins, robust, control = stages["drift"], stages["stand-ins"], stages["robust"], stages["control"]
+        assert robust.ensemble == [str(tmp_path / "stand-ins" / f"replica-{k}") for k in range(stand_ins.count)]
+        assert stand_ins.count >= 2 and stand_ins.seed not in range(drift.seed, drift.seed + 100)
+        assert (stand_ins.recipe.optim, stand_ins.recipe.flip, stand_ins.recipe.init) == (drift.optim, True, drift.init)
         assert control.ensemble == [] and (control.epochs, control.batch_size, control.subset, control.init) == \
             (robust.epochs, robust.batch_size, robust.subset, robust.init)
+        plain, compat = stages["drift-replicas"], stages["compatible-drift"]
+        assert plain.seed == compat.seed == drift.seed and plain.scored_too == [str(tmp_path / "drift")]
+        assert plain.recipe.compat.obfuscators == [] and compat.recipe.compat.obfuscators == [str(tmp_path / "o0")]
+        assert replace(compat.recipe, compat=plain.recipe.compat) == plain.recipe == replace(drift, seed=0, snapshot_every=0)
     for subset in ("range:0:512", "random:100"):
-        clash = load_profile("smoke", [f"robust.trajectory.subset=\"{subset}\""])
+        clash = load_profile("smoke", [f"robust.stand_in_subset=\"{subset}\""])
         with pytest.raises(Exception, match="images the drift .* trains on too"):
             stage_configs(clash, tmp_path)
 
@@ -184,8 +198,8 @@ def test_stages_are_chosen_by_group_or_name_with_what_they_read():
     names = lambda spec: [s.name for s in select(STAGES, spec)]  # noqa: E731
     assert names("main") == ["c0", "o0", "drift", "recovery", "scores", "privacy"]  # the paper's question first
     assert names("privacy-o0") == ["c0", "o0", "privacy-o0"]  # what it reads comes with it, in protocol order
-    assert set(names("beyond")) >= {"trajectory", "robust", "control", "robust-drift", "whitebox", "blackbox", "remap",
-                                    "live", "c0", "o0", "drift"}
+    assert set(names("beyond")) >= {"stand-ins", "robust", "control", "robust-drift", "whitebox", "blackbox", "remap",
+                                    "live", "c0", "o0", "drift", "drift-replicas", "compatible-drift"}
     assert names("all") == [s.name for s in STAGES]
     with pytest.raises(UserError, match="'fig4' is not main, all, a group"):
         select(STAGES, "main,fig4")

@@ -17,7 +17,7 @@ from privoffload.client.client import Result
 from privoffload.client.drift import DriftMonitor
 from privoffload.client.resync import ClientState
 from privoffload.train.resync import (Budget, black_box, complete, fit_remap, game_lambda, local_api, make_queries, pick_start,
-                                      white_box)
+                                      remap_from, remap_state, remapped, white_box)
 from privoffload.config import DriftConfig, ObfuscatorConfig, OptimConfig, ResyncConfig
 from privoffload.data import DeviceData, to_pixels
 from privoffload.errors import UserError
@@ -177,6 +177,25 @@ def test_output_remapping_fits_a_known_permutation_exactly():
     with torch.no_grad():
         assert torch.equal(remap(probs.log()).argmax(1), labels)
         assert (probs.argmax(1) == labels).float().mean() < 0.2  # the API's own answers were mostly wrong
+
+
+def test_a_remapped_classifier_reads_its_answers_through_the_map_kept_as_json(drifted):
+    """The remap as the re-syncs' first step: the classifier the game plays against answers remap(log softmax(C)),
+    the map survives its JSON record exactly, and black-box plays through it."""
+    x, y, obf0, deobf0, old, new = drifted
+    pixels = torch.from_numpy(x[:64]).float() / 255
+    with torch.no_grad():
+        probs = torch.softmax(new(pixels), 1)
+    remap = fit_remap(probs, torch.from_numpy(y[:64]))
+    again = remap_from(json.loads(json.dumps(remap_state(remap))))
+    with torch.no_grad():
+        assert torch.allclose(remapped(new, again)(pixels), remap(probs.clamp(min=1e-6).log()), atol=1e-5)
+    assert remapped(new, None) is new
+    obf, deobf = copy.deepcopy(obf0), copy.deepcopy(deobf0)
+    cfg = ResyncConfig(steps=2, batch_size=32, lam=0.1, max_queries=64, rounds=1, surrogate_steps=2, eval_every=2,
+                       queries=["plain"])
+    black_box(obf, deobf, Budget(local_api(new), cap=64), DeviceData(x, y), cfg, [old], remap=again)
+    assert any(not torch.equal(a, b) for a, b in zip(obf0.state_dict().values(), obf.state_dict().values()))
 
 
 def answer(classes: np.ndarray, version: str = "1") -> Result:

@@ -100,16 +100,21 @@ def train_classifier_cmd(
     width: Annotated[Optional[int], typer.Option(help="ResNet18 width (64 = the real one)")] = None,
     batch_size: BatchOpt = None, flip: FlipOpt = None,
     init: Annotated[Optional[Path], typer.Option(help="classifier run to start from")] = None,
+    compatible_with: Annotated[Optional[list[Path]], typer.Option(
+        "--compatible-with", help="a published obfuscator run whose uploads this update must keep working "
+                                  "(repeatable; the term's weight and loss: --set compat.weight=1 compat.loss=kl|focal)")] = None,
     precision: PrecisionOpt = None, seed: SeedOpt = None, dataset: DatasetOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, data: DataOpt = None,
     device: DeviceOpt = "auto",
 ):
-    """Train the cloud's classifier (a ResNet18 for the data set's images)."""
+    """Train the cloud's classifier (a ResNet18 for the data set's images); with --compatible-with, as an update that
+    keeps the published obfuscators working."""
     from .config import ClassifierConfig
     from .train.classifier import train_classifier
 
     cfg = settings(ClassifierConfig, config, set_, subset=subset, epochs=epochs, width=width, batch_size=batch_size,
-                   flip=flip, init=init, precision=precision, seed=seed, dataset=dataset, image_size=image_size)
+                   flip=flip, init=init, precision=precision, seed=seed, dataset=dataset, image_size=image_size,
+                   **{"compat.obfuscators": [str(p) for p in compatible_with] if compatible_with else None})
     train_classifier(cfg, out, resume=resume, device=device, data_root=data)
 
 
@@ -418,37 +423,73 @@ def serve_cmd(
 
 
 @command("publish")
-def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folder, or its .safetensors file")],
+def publish_cmd(run: Annotated[Path, typer.Argument(help="a classifier run folder (or its .safetensors file), or an "
+                                                     "obfuscator run folder (or its file) to register")],
                 repo: Annotated[Path, typer.Option("--repo", help="model repository folder")],
                 name: Annotated[Optional[str], typer.Option(help="model name (default: DATASET-resnet18)")] = None,
                 signing_key: Annotated[Optional[Path], typer.Option(
-                    "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None):
-    """Add a trained classifier to the repository as the next version (atomically). Publishing serves nothing:
-    an admin load makes a version the served one, on every replica (docs/service.md)."""
+                    "--signing-key", help="Ed25519 private key (PEM) to sign the manifest with")] = None,
+                gate_images: Annotated[str, typer.Option(
+                    "--gate-images", help="the model's test images the swap gate measures on (all, first:N, "
+                                          "random:N, range:A:B)")] = "random:1000",
+                max_flip_rate: Annotated[float, typer.Option(
+                    "--max-flip-rate", help="refuse a classifier whose negative-flip rate on a registered "
+                                            "obfuscator's uploads is above this")] = 0.05,
+                allow_breaking: Annotated[bool, typer.Option(
+                    "--allow-breaking", help="publish anyway; the obfuscators it breaks are marked unsupported by "
+                                             "it and their clients keep an older version")] = False):
+    """Add a trained classifier to the repository as the next version (atomically), after the swap gate: it is
+    refused if it breaks a registered obfuscator (docs/service.md). Given an obfuscator run, register it with the
+    model instead. Publishing serves nothing: an admin load makes a version the served one, on every replica."""
     from . import nets
     from .cloud.repository import Repository
     from .config import model_name
 
-    weights = run / "classifier.safetensors" if run.is_dir() else run
-    if run.is_dir() and not weights.exists() and (run / "obfuscator.safetensors").exists():
-        raise UserError(f"{run} is an obfuscator run, and publish takes a classifier run (the cloud serves the "
-                        f"classifier; the obfuscator stays on the device): publish the classifier it was trained "
-                        f"against ({_trained_against(run)}), and give {run} to clients as `classify --obfuscator`")
-    name = name or model_name(nets.read_metadata(weights).get("dataset", "cifar10"))
-    m = Repository(repo).publish(weights, name, source=str(run), signing_key=signing_key)
+    classifier = run / "classifier.safetensors" if run.is_dir() else run
+    if (run / "obfuscator.safetensors").is_file() and not classifier.exists() or \
+            run.is_file() and nets.read_metadata(run).get("arch") == "codec":
+        from .client.obfuscator import dataset_of, obfuscator_path
+
+        name = name or model_name(dataset_of(run))
+        r = Repository(repo).register(obfuscator_path(run), name, source=str(run))
+        typer.echo(f"registered obfuscator version {r.version} with {name} (works with version {r.works_with}, "
+                   f"sha256 {r.sha256[:16]}...); clients announce it as obfuscator_version {r.version}")
+        return
+    if not 0 <= max_flip_rate <= 1:
+        raise UserError(f"--max-flip-rate {max_flip_rate:g} is not a rate in [0, 1]")
+    name = name or model_name(nets.read_metadata(classifier).get("dataset", "cifar10"))
+    repository = Repository(repo)
+    m = repository.publish(classifier, name, source=str(run), signing_key=signing_key,
+                           gate=_swap_gate(repository, name, classifier, gate_images, max_flip_rate, allow_breaking))
     typer.echo(f"published {m.name} version {m.version} ({m.architecture} width {m.width}, sha256 {m.sha256[:16]}..."
                f"{', signed' if signing_key else ''}); not served until loaded: POST /v2/repository/models/{m.name}/load "
                f'with {{"parameters": {{"version": "{m.version}"}}}} on each replica')
+    for k, r in m.obfuscators.items():
+        typer.echo(f"obfuscator version {k}: accuracy {r['accuracy']:.4f}, negative-flip rate "
+                   f"{r['negative_flip_rate']:.4f} against version {r['reference']} on {r['images']} images, "
+                   f"{'supported' if r['supported'] else 'NOT supported (its clients keep an older version)'}")
 
 
-def _trained_against(run: Path) -> str:
-    """The classifier run an obfuscator run names in its config.toml, for a hint."""
-    try:
-        from .config import ObfuscatorConfig
+def _swap_gate(repository, name: str, classifier: Path, spec: str, max_flip_rate: float, allow_breaking: bool):
+    """The gate `publish` runs on the classifier, or None where no obfuscator is registered with `name`."""
+    if not repository.obfuscators(name):
+        return None
+    from . import nets
+    from .cloud import gate
+    from .data import load_dataset, select
 
-        return f"`privoffload publish {config_mod.load(ObfuscatorConfig, run / 'config.toml').classifier} --repo ...`"
-    except UserError:
-        return "its config.toml names it"
+    meta = nets.read_metadata(classifier)
+
+    def check(model) -> dict:
+        c, h, w = nets.image_shape(model)
+        data = load_dataset(meta.get("dataset", "cifar10"), image_size=f"{h}x{w}")
+        if data.shape != (c, h, w):
+            raise UserError(f"{classifier} takes {c}x{h}x{w} images; its data set {data.name!r} has "
+                            f"{'x'.join(map(str, data.shape))}")
+        x, y = select(data, spec, 0, "test")
+        return gate.decide(gate.measure(repository, name, model, x, y), max_flip_rate, allow_breaking)
+
+    return check
 
 
 @command("classify")
@@ -467,6 +508,9 @@ def classify_cmd(
                                                                  "the like are ignored)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ldp_epsilon: EpsOpt = float("inf"), ldp_delta: DeltaOpt = 1e-5, ldp_clip: ClipOpt = 0.0,
+    obfuscator_version: Annotated[Optional[int], typer.Option(
+        "--obfuscator-version", min=1, help="the version the cloud registered this obfuscator under; the cloud then "
+                                            "answers with a classifier version that supports it")] = None,
 ):
     """Obfuscate images here and have the cloud classify them; only obfuscated pixels leave this machine.
     With --ldp-epsilon, each upload is (epsilon, delta)-locally differentially private (docs/threat-model.md).
@@ -477,7 +521,7 @@ def classify_cmd(
 
     with Client(server, obfuscator, token=os.environ.get("PRIVOFFLOAD_TOKEN"), model=model, timeout=timeout,
                 ca_cert=ca_cert, allow_http=allow_http, proxy=proxy, ldp_epsilon=ldp_epsilon, ldp_delta=ldp_delta,
-                ldp_clip=ldp_clip) as client:
+                ldp_clip=ldp_clip, obfuscator_version=obfuscator_version) as client:
         result = client.classify_files(images)
     rows = [{"file": str(p), "class": int(c), "label": lab, "probability": round(float(pr[c]), 4), "model_version": v}
             for p, c, lab, pr, v in zip(images, result.classes, result.labels, result.probabilities, result.versions)]

@@ -2,8 +2,10 @@
 
 The cloud service (cloud/) serves C0 on loopback; a client (client/) holding an obfuscator classifies test
 images; the cloud hot-swaps to the drifted classifier; the client notices the new model version and re-syncs
-by itself (white-box: the service publishes weights, signed by the publisher, whose key the client holds). Accuracy is recorded before the swap, after it (the old
-obfuscator on the new model) and after the automatic re-sync, for the robust obfuscator and for O0.
+by itself (white-box: the service publishes weights, signed by the publisher, whose key the client holds). Accuracy is
+recorded before the swap, after it (the old obfuscator on the new model) and after the automatic re-sync, for the
+robust obfuscator and for O0; and for O0 once more with the compatible update as the new model, where the client
+should not need its re-sync at all.
 
 This sits beside the CLI, above both apps, because it runs both: it is the runner of the protocol's `live` stage
 (experiments/stages/live.py, which holds its settings, record and report section), handed to `reproduce` by the
@@ -33,8 +35,9 @@ from .cloud.repository import Repository, new_key_pair
 from .cloud.server import uvicorn_config
 from .config import DriftConfig, ServeConfig, model_name
 from .data import select
+from .errors import UserError
 from .experiments.stage import Seed
-from .experiments.stages.live import LiveConfig
+from .experiments.stages.live import COMPATIBLE_UPDATE, LiveConfig
 from .runs import RunDir, is_done
 
 
@@ -80,19 +83,21 @@ def hot_swap_stage(live: LiveConfig, out: Path, seed: Seed) -> None:
     x_test, y_test = select(seed.data, live.test_subset, split="test")
     x_own, y_own = select(seed.data, live.resync.subset, live.resync.seed)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    for name in ("robust", "o0"):
-        if (seed.folder / name / "obfuscator.safetensors").exists():
+    swaps = [("robust", "drift"), ("o0", "drift"), ("o0", COMPATIBLE_UPDATE)]
+    for name, update in swaps:
+        if (seed.folder / name / "obfuscator.safetensors").exists() and is_done(seed.folder / update):
             record = swap_once(seed.folder, name, out, x_test, y_test, x_own, y_own, live,
-                               model=model_name(seed.protocol.dataset))
+                               model=model_name(seed.protocol.dataset), update=update)
             run.log(record)
-            print(f"live {name}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
+            print(f"live {name} -> {update}: before the swap {record['before_swap']:.4f}, after {record['after_swap']:.4f}, "
                   f"after the automatic re-sync {record['after_resync']:.4f}", flush=True)
     run.finish()
 
 
 def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.ndarray, x_own: np.ndarray,
-              y_own: np.ndarray, live: LiveConfig, model: str = model_name("cifar10")) -> dict:
-    """One client, one swap: C0 serving, classify; publish and load the drifted C, classify; re-sync, classify."""
+              y_own: np.ndarray, live: LiveConfig, model: str = model_name("cifar10"), update: str = "drift") -> dict:
+    """One client, one swap: C0 serving, classify; publish and load the update (the classifier run `update` of the
+    seed folder), classify; re-sync, classify."""
     work = Path(tempfile.mkdtemp(prefix=".live-", dir=out))
     try:
         private, public = new_key_pair(work)
@@ -107,15 +112,16 @@ def swap_once(folder: Path, obfuscator: str, out: Path, x: np.ndarray, y: np.nda
                                resync_cfg=resync, token=inference, publisher_key=public, model=model) as client:
             t0 = time.perf_counter()
             before = client.classify(x)
-            repo.publish(folder / "drift" / "classifier.safetensors", model, source="drift", signing_key=private)
+            repo.publish(folder / update / "classifier.safetensors", model, source=update, signing_key=private)
             loaded = httpx.post(f"{server.url}/v2/repository/models/{model}/load", json={},
                                 headers={"Authorization": f"Bearer {admin}"}, timeout=120)
-            loaded.raise_for_status()
+            if loaded.status_code != 200:  # the service keeps the old version; the protocol stops with the reason
+                raise UserError(f"live: the service refused the update {folder / update}: {loaded.text[:300]}")
             after_swap = client.classify(x)  # answered by the new model; the client notices and re-syncs afterwards
             after_resync = client.classify(x)
             seconds = time.perf_counter() - t0
         events = [e["event"] for e in client.monitor.events]
-        return {"obfuscator": obfuscator, "images": len(y), "before_swap": float((before.classes == y).mean()),
+        return {"obfuscator": obfuscator, "update": update, "images": len(y), "before_swap": float((before.classes == y).mean()),
                 "versions": [before.model_version, after_swap.model_version, after_resync.model_version],
                 "after_swap": float((after_swap.classes == y).mean()),
                 "after_resync": float((after_resync.classes == y).mean()), "resyncs": len(client.resyncs),

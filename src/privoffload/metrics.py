@@ -116,15 +116,18 @@ def obfuscation_scores(classifier: nn.Module, obf: nn.Module, data: DeviceData, 
 
 @torch.no_grad()
 def upload_accuracies(classifiers: dict[str, nn.Module], obf: nn.Module, data: DeviceData, *, bf16: bool = False,
-                      batch_size: int = EVAL_BATCH, dist: Dist = Dist()) -> dict[str, float]:
-    """The accuracy of each classifier on the same 8-bit uploads of `obf`: O runs once per image for all of them."""
-    names = tuple(classifiers)
-    sums = _Sums(names, data.device)
+                      batch_size: int = EVAL_BATCH, dist: Dist = Dist(), reference: str | None = None) -> dict[str, float]:
+    """The accuracy of each classifier on the same 8-bit uploads of `obf`: O runs once per image for all of them.
+    With `reference` (one of the names), also each other classifier's negative-flip rate `NAME_negative_flips`: the
+    share of the uploads the reference classifies right and it classifies wrong (what an update breaks)."""
+    others = [k for k in classifiers if reference is not None and k != reference]
+    sums = _Sums((*classifiers, *(f"{k}_negative_flips" for k in others)), data.device)
     with _EvalMode(obf, *classifiers.values()):
         for xb, yb in data.batches(batch_size, rank=dist.rank, world=dist.world):
             with autocast(data.device, bf16):
                 upload = quantize8(obf(xb).float())
-                sums.add(len(yb), **{k: c(upload).argmax(1) == yb for k, c in classifiers.items()})
+                right = {k: c(upload).argmax(1) == yb for k, c in classifiers.items()}
+            sums.add(len(yb), **right, **{f"{k}_negative_flips": right[reference] & ~right[k] for k in others})
     return sums.means(dist)
 
 

@@ -300,7 +300,7 @@ def test_the_client_survives_a_hostile_server(weights, cifar):
 def test_the_model_name_and_classes_follow_the_obfuscators_data_set(tmp_path):
     """A grey two-class classifier of PneumoniaMNIST, published without --name, is served as pneumoniamnist-resnet18;
     a client given an obfuscator run of that data set finds it without being told the name, and takes its class
-    count and names from the served model. Publishing the obfuscator run instead says what publish takes."""
+    count and names from the served model. Registering the obfuscator run before its classifier says what comes first."""
     image = {"channels": 1, "size": (32, 32)}
     torch.manual_seed(0)
     nets.save(nets.build("resnet18", 4, **image, num_classes=2, mean=(0.5,), std=(0.25,)), tmp_path / "c.safetensors",
@@ -311,7 +311,7 @@ def test_the_model_name_and_classes_follow_the_obfuscators_data_set(tmp_path):
     (run / "config.toml").write_text(f'dataset = "pneumoniamnist"\nclassifier = "{tmp_path / "c"}"\n')
     runner = CliRunner()
     wrong = runner.invoke(cli, ["publish", str(run), "--repo", str(tmp_path / "repo")])
-    assert wrong.exit_code == 2 and "publish takes a classifier run" in wrong.output and wrong.output.count("\n") == 1
+    assert wrong.exit_code == 2 and "publish its classifier first" in wrong.output and wrong.output.count("\n") == 1
     done = runner.invoke(cli, ["publish", str(tmp_path / "c.safetensors"), "--repo", str(tmp_path / "repo")])
     assert done.exit_code == 0 and "published pneumoniamnist-resnet18 version 1" in done.output, done.output
     with serve(Repository(tmp_path / "repo")) as server, Client(server.url, run, token=TOKEN) as client:

@@ -129,6 +129,8 @@ class Client:
     through (the environment's HTTP_PROXY and the like are ignored). `publisher_key`: the PEM public key
     whose signature downloaded weights must carry. `min_version`: answers and weights of an older version
     of the model are refused (a server rolled back, or one replaying an old signed version).
+    `obfuscator_version`: the version under which the cloud registered this obfuscator; announced with every
+    request, so that a cloud whose newest classifier breaks it answers with an older one that does not.
     `uploaded` counts the images sent, retries included.
     """
 
@@ -138,7 +140,7 @@ class Client:
                  on_version_change: VersionHook | None = None, ca_cert: str | Path | None = None,
                  allow_http: bool = False, proxy: str | None = None, publisher_key: str | Path | None = None,
                  min_version: int = 0, max_download_mb: float = 512.0, ldp_epsilon: float = float("inf"),
-                 ldp_delta: float = 1e-5, ldp_clip: float = 0.0):
+                 ldp_delta: float = 1e-5, ldp_clip: float = 0.0, obfuscator_version: int | None = None):
         try:
             url = httpx.URL(server)
             valid = server.startswith(("http://", "https://")) and bool(url.host)
@@ -153,6 +155,10 @@ class Client:
             check_proxy(proxy, url, bool(token), allow_http)
         self.publisher_key = load_publisher_key(publisher_key) if publisher_key else None
         self.min_version = min_version
+        if obfuscator_version is not None and (isinstance(obfuscator_version, bool) or
+                                               not isinstance(obfuscator_version, int) or obfuscator_version < 1):
+            raise ClientError(f"obfuscator_version {obfuscator_version!r} must be a version number, 1 or more")
+        self.obfuscator_version = obfuscator_version
         self.obfuscate = obfuscator if callable(obfuscator) else load_obfuscator(obfuscator)
         model = model or (DEFAULT_MODEL if callable(obfuscator) else model_name(dataset_of(obfuscator)))
         # local DP (opt-in): every upload clipped and noised, fresh noise from the OS's entropy; inf = none
@@ -267,6 +273,8 @@ class Client:
     def _infer(self, pixels: np.ndarray, on_upload: UploadHook | None) -> Result:
         spec, raw = oip.tensor("images", pixels, "UINT8", self.binary)
         header = {"inputs": [spec], "parameters": {"binary_data_output": self.binary}}
+        if self.obfuscator_version is not None:
+            header["parameters"]["obfuscator_version"] = str(self.obfuscator_version)
         body, headers = oip.join_body(header, [raw] if raw is not None else [])
         reply = self._post(body, headers, len(pixels), on_upload)
         n = len(pixels)

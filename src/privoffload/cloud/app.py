@@ -293,10 +293,15 @@ async def infer(request: Request, name: str, version: str | None, header_length:
     if encoding != "identity":  # zlib releases the GIL: a thread keeps the loop free
         body = await asyncio.to_thread(inflate, body, encoding, limit)
     if json_length(body, header_length) <= INLINE_JSON_BYTES:
-        x, outputs, request_id = tensors.parse_body(body, header_length, cfg.max_request_images, choice.shape)
+        x, outputs, request_id, obfuscator = tensors.parse_body(body, header_length, cfg.max_request_images, choice.shape)
     else:
-        x, outputs, request_id = await request.app.state.parser(body, header_length, cfg.max_request_images, choice.shape)
+        x, outputs, request_id, obfuscator = await request.app.state.parser(body, header_length, cfg.max_request_images,
+                                                                            choice.shape)
     request.state.model, request.state.images = name, len(x)
+    if obfuscator is not None:
+        if version is not None:
+            raise ApiError(400, "a request pinned to a version cannot also announce an obfuscator version")
+        choice = await plane.for_obfuscator(name, obfuscator)
     try:
         probs, used, classes = await answer_or_hangup(request, plane.infer(choice, x))
     except VersionGone as e:

@@ -2,16 +2,22 @@
 served-version record. Routes parse and authorise, then call one method here (as KServe's handlers delegate to
 its DataPlane); none reaches past these methods.
 
-    infer       choose(name, version) -> the model a request is answered by; infer(choice, images)
+    infer       choose(name, version) -> the model a request is answered by; for_obfuscator(name, k): the one
+                that answers a client announcing obfuscator version k; infer(choice, images)
     ready       ready (None, or why not); model_ready(name, version)
     metadata    metadata(name, version)
     index       index(ready_only)
     load        load(name, version): verify, record as served, swap in
     weights     published(name, version): a verified version's file, manifest and signature
 
-Which version answers a request is decided in one place, `choose`: today the version being served (a pinned
-one must be it). A per-request choice (e.g. an older version for clients that announce an obfuscator the new
-one does not support) fits there: it would return another loaded version, and its batch would pin it.
+Which version answers a request is decided here only: the version being served (a pinned one must be it), or, for
+a client that announces its obfuscator version k (`for_obfuscator`), the served version if it supports k, else the
+newest older version that does (repository.Manifest.supports: the version k was registered with, or one the swap
+gate passed). Versions newer than the served one are never chosen: publishing serves nothing. An older version is
+loaded (and verified) on its first such request and kept, with its own batching worker, for the server's life;
+the choice per (model, k, served version) is remembered, since published versions and registrations never change.
+Such a request is pinned to its version: if a swap takes that version away before its batch runs, it is chosen
+again once.
 
 A load verifies the new version off the event loop while the old one keeps serving, records it in the
 repository (so that every replica starting later serves it too), then replaces it with a single assignment.
@@ -33,7 +39,7 @@ import torch
 from ..config import ServeConfig
 from ..errors import UserError
 from . import tensors
-from .batching import Batcher
+from .batching import Batcher, VersionGone
 from .repository import LoadedModel, Manifest, Repository, parse_version
 from .telemetry import Metrics, event
 
@@ -49,6 +55,7 @@ class Choice:
     name: str
     model: LoadedModel
     pinned: bool
+    obfuscator: int | None = None  # the obfuscator version the client announced
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -63,7 +70,9 @@ class DataPlane:
         self.current: dict[str, LoadedModel] = {}  # the version each model serves
         self.failures: dict[tuple[str, int], str] = {}  # why a version was refused, for the index
         self.verified: set[tuple[str, int]] = set()  # versions that loaded here: the only ones whose weights are served
-        self.batchers: dict[str, Batcher] = {}
+        self.batchers: dict[str, Batcher] = {}  # the served version's worker, by model name
+        self.older: dict[tuple[str, int], Batcher] = {}  # workers of older versions kept for announced obfuscators
+        self.chosen: dict[tuple[str, int, int], int] = {}  # (name, obfuscator, served version) -> answering version
         self.locks: dict[str, asyncio.Lock] = {}
         self.cfg = ServeConfig()
 
@@ -127,28 +136,33 @@ class DataPlane:
             self._start_batcher(name)
 
     def _start_batcher(self, name: str) -> None:
+        self.batchers[name] = self._batcher(name, lambda: self.current[name])
+
+    def _batcher(self, name: str, current) -> Batcher:
         cfg, m = self.cfg, self.metrics
-        self.batchers[name] = Batcher(lambda: self.current[name], cfg.batch_window_ms / 1000, cfg.max_batch_images,
-                                      cfg.max_queue_images, cfg.queue_timeout_s, on_batch=self._observe_batch,
-                                      on_drop=lambda reason: m.dropped.labels(name, reason).inc(),
-                                      on_restart=lambda: m.restarts.labels(name).inc())
-        self.batchers[name].start()
+        batcher = Batcher(current, cfg.batch_window_ms / 1000, cfg.max_batch_images, cfg.max_queue_images,
+                          cfg.queue_timeout_s, on_batch=self._observe_batch,
+                          on_drop=lambda reason: m.dropped.labels(name, reason).inc(),
+                          on_restart=lambda: m.restarts.labels(name).inc())
+        batcher.start()
+        return batcher
 
     def _observe_batch(self, requests: int, images: int) -> None:
         self.metrics.batch_requests.observe(requests)
         self.metrics.batch_images.observe(images)
 
     async def stop(self) -> None:
-        for b in self.batchers.values():
+        for b in [*self.batchers.values(), *self.older.values()]:
             await b.stop()
         self.batchers.clear()
+        self.older.clear()
 
     @property
     def ready(self) -> str | None:
         """None when every model is served by a running worker; else why not."""
         if not self.batchers:
             return "no model loaded yet"
-        if not all(b.alive for b in self.batchers.values()):
+        if not all(b.alive for b in [*self.batchers.values(), *self.older.values()]):
             return "a batching worker is not running"
         return None
 
@@ -179,19 +193,64 @@ class DataPlane:
             raise UserError(f"version {v} of {name!r} is not loaded; version {model.version} is serving")
         return Choice(name, model, pinned=True)
 
+    async def for_obfuscator(self, name: str, obfuscator: int) -> Choice:
+        """The version that answers a client announcing `obfuscator` (see the module docstring); a UserError (400)
+        for an obfuscator version not registered with `name`, or one no loadable version supports."""
+        serving = self.serving(name)
+        key = (name, obfuscator, serving.version)
+        if key not in self.chosen:
+            registration = await asyncio.to_thread(self.repo.obfuscator, name, obfuscator)
+            if serving.manifest.supports(registration):
+                self.chosen[key] = serving.version
+            else:
+                self.chosen[key] = await self._older_supporting(name, registration, serving)
+        version = self.chosen[key]
+        if version == serving.version:
+            return Choice(name, serving, pinned=True, obfuscator=obfuscator)
+        return Choice(name, self.older[(name, version)].current(), pinned=True, obfuscator=obfuscator)
+
+    async def _older_supporting(self, name: str, registration, serving: LoadedModel) -> int:
+        """The newest version older than the served one that supports the obfuscator, loaded with its own worker."""
+        for v in reversed([v for v in self.repo.versions(name) if v < serving.version]):
+            try:
+                if not self.repo.manifest(name, v).supports(registration):
+                    continue
+                async with self.locks.setdefault(f"{name}/{v}", asyncio.Lock()):
+                    if (name, v) not in self.older:
+                        model = await asyncio.to_thread(self.repo.load, name, v, self.device, serving.manifest)
+                        self.older[(name, v)] = self._batcher(name, lambda model=model: model)
+                        self.verified.add((name, v))
+                        event("older version loaded", model=name, version=v, obfuscator=registration.version)
+                return v
+            except UserError as e:
+                self._refused(name, v, str(e))
+        raise UserError(f"no loadable version of {name!r} up to the served {serving.version} supports obfuscator "
+                        f"version {registration.version}")
+
     # ---- the routes' questions
 
     async def infer(self, choice: Choice, x: np.ndarray) -> tuple[np.ndarray, int, tuple[str, ...]]:
         """Classify float images [N, *shape] -> (probabilities, the version that computed them, its class names).
         Raises batching.Overloaded (queue full, deadline) and batching.VersionGone (a pinned version swapped out);
         the returned future is cancelled if the caller is."""
-        future = self.batchers[choice.name].submit(torch.from_numpy(x), choice.model.version if choice.pinned else None)
         try:
-            probs, used = await future
-        finally:
-            future.cancel()  # a caller that went away withdraws its job (a no-op once it is done)
+            probs, used = await self._run(choice, x)
+        except VersionGone:
+            if choice.obfuscator is None:
+                raise
+            choice = await self.for_obfuscator(choice.name, choice.obfuscator)  # a swap came between: choose again
+            probs, used = await self._run(choice, x)
         self.metrics.images.labels(choice.name).inc(len(x))
         return probs, used, choice.model.manifest.classes  # versions of one name share their classes (load checks)
+
+    async def _run(self, choice: Choice, x: np.ndarray) -> tuple[np.ndarray, int]:
+        v = choice.model.version
+        batcher = self.older.get((choice.name, v)) if v != self.current[choice.name].version else None
+        future = (batcher or self.batchers[choice.name]).submit(torch.from_numpy(x), v if choice.pinned else None)
+        try:
+            return await future
+        finally:
+            future.cancel()  # a caller that went away withdraws its job (a no-op once it is done)
 
     def metadata(self, name: str, version: str | None = None) -> dict:
         """Inputs, outputs and the version: the one being served, or a stored one."""

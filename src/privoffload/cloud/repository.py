@@ -4,6 +4,13 @@
     REPO/cifar10-resnet18/1/manifest.json   {name, version, architecture, width, classes, created, sha256, source, shape}
     REPO/cifar10-resnet18/1/manifest.sig    base64 Ed25519 signature of manifest.json (with `publish --signing-key`)
     REPO/cifar10-resnet18/served.json       {"version": 1, "recorded": ...}: the version every replica serves
+    REPO/cifar10-resnet18/obfuscators/1/obfuscator.safetensors   a published obfuscator, registered (`register`)
+    REPO/cifar10-resnet18/obfuscators/1/obfuscator.json          {version, sha256, source, works_with, registered, shape}
+
+A manifest's `obfuscators` holds what the swap gate (cloud/gate.py) measured when the version was published: for
+each obfuscator version registered then, its accuracy and negative-flip rate on the new classifier and whether the
+version supports it. An obfuscator is supported by the version it was registered with (`works_with`) and by every
+version whose manifest says so; a version published before it was registered does not support it.
 
 Publishing adds a version; it does not serve it. Which version is served is recorded in `served.json`
 (atomically: a temporary file renamed into place) when an admin loads one, and read by every server that
@@ -35,8 +42,9 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,8 +61,12 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 SERVED = "served.json"
+OBFUSCATORS = "obfuscators"  # a model's registered obfuscators, one numbered folder each
+OBFUSCATOR_WEIGHTS = "obfuscator.safetensors"
+OBFUSCATOR_RECORD = "obfuscator.json"
 STALE_PUBLISH_S = 3600  # a .publish-* folder this old was left by a publish that died
 ARCHITECTURE = "resnet18"  # the only architecture the cloud serves: the classifier
+CODEC = "codec"  # the architecture of the obfuscators it registers (it never runs them while serving)
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
@@ -70,6 +82,13 @@ class Manifest:
     sha256: str
     source: str = ""
     shape: tuple[int, int, int] = CIFAR_SHAPE  # the images it takes: channels, height, width
+    obfuscators: dict[str, dict] = field(default_factory=dict)  # the swap gate's measurements, by obfuscator version
+
+    def supports(self, obfuscator: "Registration") -> bool:
+        """Whether this version answers that obfuscator's clients: it is the version the obfuscator was registered
+        with, or the gate found it within the flip-rate bound when this version was published."""
+        return self.version == obfuscator.works_with or \
+            self.obfuscators.get(str(obfuscator.version), {}).get("supported") is True
 
     @property
     def signature(self) -> tuple:
@@ -78,6 +97,22 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "classes": list(self.classes), "shape": list(self.shape)}, indent=1)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A published obfuscator registered with a model: `works_with` is the classifier version serving when it was
+    registered (the one its uploads are known to work with, and the swap gate's reference for it)."""
+
+    version: int
+    sha256: str
+    source: str
+    works_with: int
+    registered: str
+    shape: tuple[int, int, int]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "shape": list(self.shape)}, indent=1)
 
 
 @dataclass
@@ -195,7 +230,10 @@ class Repository:
             m = Manifest(name=raw["name"], version=int(raw["version"]), architecture=raw["architecture"],
                          width=int(raw["width"]), classes=tuple(raw["classes"]), created=raw["created"],
                          sha256=raw["sha256"], source=raw.get("source", ""),
-                         shape=tuple(int(v) for v in raw.get("shape", CIFAR_SHAPE)))
+                         shape=tuple(int(v) for v in raw.get("shape", CIFAR_SHAPE)),
+                         obfuscators=raw.get("obfuscators", {}))
+            if not isinstance(m.obfuscators, dict) or not all(isinstance(v, dict) for v in m.obfuscators.values()):
+                raise ValueError("obfuscators is not an object of objects")
             if len(m.shape) != 3:
                 raise ValueError(f"shape {list(m.shape)[:5]} is not [channels, height, width]")
         except (ValueError, KeyError, TypeError) as e:
@@ -297,9 +335,12 @@ class Repository:
             raise UserError(f"{where} gives non-finite or misshapen outputs; refusing it")
         return loaded
 
-    def publish(self, weights: str | Path, name: str, source: str = "", signing_key: str | Path | None = None) -> Manifest:
+    def publish(self, weights: str | Path, name: str, source: str = "", signing_key: str | Path | None = None,
+                gate: Callable[[nn.Module], dict[str, dict]] | None = None) -> Manifest:
         """Add a classifier's weights as the next version of `name`, atomically (folder rename) and durably;
-        with `signing_key`, the manifest is signed (clients check downloaded weights against it)."""
+        with `signing_key`, the manifest is signed (clients check downloaded weights against it). `gate` (the swap
+        gate, cloud/gate.py) sees the network built from the very bytes published, before anything is written:
+        what it returns goes into the manifest as `obfuscators`, and a UserError it raises refuses the version."""
         check_name(name)
         weights = Path(weights)
         sign = signer(signing_key) if signing_key else None
@@ -316,33 +357,90 @@ class Repository:
             if (ARCHITECTURE, width, classes, shape) != last.signature:
                 raise UserError(f"{name} holds {_sig(last)} models, {weights} is a {ARCHITECTURE} of width {width}; "
                                 f"publish it under another --name")
-        folder = self.root / name
-        _make_dirs(folder)
-        _remove_stale(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
+        obfuscators = gate(model.eval()) if gate else {}
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        digest = hashlib.sha256(data).hexdigest()
+
+        def files(version: int) -> dict[str, bytes]:
+            m = Manifest(name, version, ARCHITECTURE, width, classes, created, digest, source or str(weights), shape,
+                         obfuscators)
+            out = {WEIGHTS: data, MANIFEST: m.to_json().encode()}
+            if sign:
+                out[SIGNATURE] = base64.b64encode(sign(out[MANIFEST])) + b"\n"
+            return out
+
+        version = _add_numbered(self.root / name, (versions[-1] if versions else 0) + 1, files)
+        return self.manifest(name, version)
+
+    # ---- registered obfuscators
+
+    def obfuscators(self, name: str) -> list[int]:
+        """The obfuscator versions registered with `name`, oldest first."""
         try:
-            tmp.chmod(0o755)  # mkdtemp makes 0700: a server running as another user could not read the version
-            _write(tmp / WEIGHTS, data)
-            created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            version = (versions[-1] if versions else 0) + 1
-            while True:  # another publisher may take a number first: rename refuses, try the next one
-                m = Manifest(name, version, ARCHITECTURE, width, classes, created, hashlib.sha256(data).hexdigest(),
-                             source or str(weights), shape)
-                _write(tmp / MANIFEST, m.to_json().encode())
-                if sign:
-                    _write(tmp / SIGNATURE, base64.b64encode(sign(m.to_json().encode())) + b"\n")
-                fsync_dir(tmp)
-                try:
-                    os.rename(tmp, folder / str(version))
-                    fsync_dir(folder)
-                    return m
-                except OSError:
-                    if not (folder / str(version)).exists():
-                        raise
-                    version += 1
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            return sorted(int(p.name) for p in (self.folder(name) / OBFUSCATORS).iterdir()
+                          if parse_version(p.name) and (p / OBFUSCATOR_RECORD).is_file())
+        except OSError:
+            return []
+
+    def obfuscator(self, name: str, version: int) -> Registration:
+        """A registered obfuscator's record; a UserError for an unknown version."""
+        where = f"obfuscator version {version} of {name}"
+        path = self.folder(name) / OBFUSCATORS / str(version) / OBFUSCATOR_RECORD
+        if not path.is_file():
+            raise UserError(f"{name[:64]!r} has no obfuscator version {version}; registered: "
+                            f"{', '.join(map(str, self.obfuscators(name))) or 'none'}")
+        try:
+            raw = json.loads(_read(path, f"{where}'s {OBFUSCATOR_RECORD}"))
+            r = Registration(int(raw["version"]), raw["sha256"], raw["source"], int(raw["works_with"]),
+                             raw["registered"], tuple(int(v) for v in raw["shape"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{where} has no valid {OBFUSCATOR_RECORD} ({type(e).__name__}: {str(e)[:100]})") from None
+        if r.version != version:
+            raise UserError(f"the {OBFUSCATOR_RECORD} of {where} describes version {r.version}")
+        return r
+
+    def load_obfuscator(self, name: str, version: int) -> nn.Module:
+        """A registered obfuscator's network (eval mode), its file checked against the recorded sha256."""
+        r = self.obfuscator(name, version)
+        file = f"obfuscator version {version} of {name}'s {OBFUSCATOR_WEIGHTS}"
+        data = _read(self.folder(name) / OBFUSCATORS / str(version) / OBFUSCATOR_WEIGHTS, file)
+        if hashlib.sha256(data).hexdigest() != r.sha256:
+            raise UserError(f"{file} does not match its recorded sha256: the file is damaged")
+        return nets.load_bytes(data, file, expect=CODEC).eval()
+
+    def register(self, weights: str | Path, name: str, source: str = "") -> Registration:
+        """Register a published obfuscator with `name` as its next obfuscator version, atomically (folder rename),
+        recording the classifier version serving now (the served record, else the newest) as the one it works
+        with. Refused: anything but an obfuscator (a codec), one for other images or another data set."""
+        check_name(name)
+        weights = Path(weights)
+        data = nets.read_file(weights)
+        meta, _ = nets.read_header(data, str(weights))
+        if meta.get("arch") != CODEC:
+            raise UserError(f"{weights} holds a {str(meta.get('arch'))[:20]}, not an obfuscator")
+        versions = self.versions(name)
+        if not versions:
+            raise UserError(f"no versions of {name!r} in the repository; publish its classifier first")
+        served = self.served(name)
+        works_with = served if served in versions else versions[-1]
+        m = self.manifest(name, works_with)
+        shape = nets.image_shape(nets.load_bytes(data, str(weights), expect=CODEC))
+        if shape != m.shape:
+            raise UserError(f"{weights} takes {'x'.join(map(str, shape))} images; {name} takes "
+                            f"{'x'.join(map(str, m.shape))}")
+        theirs = nets.read_metadata(self.weights_path(name, works_with)).get("dataset", "cifar10")
+        if meta.get("dataset", "cifar10") != theirs:
+            raise UserError(f"{weights} was trained on {meta.get('dataset', 'cifar10')[:40]!r}; {name} classifies "
+                            f"{theirs[:40]!r}")
+        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        digest = hashlib.sha256(data).hexdigest()
+        folder = self.folder(name) / OBFUSCATORS
+
+        def files(version: int) -> dict[str, bytes]:
+            r = Registration(version, digest, source or str(weights), works_with, when, shape)
+            return {OBFUSCATOR_WEIGHTS: data, OBFUSCATOR_RECORD: r.to_json().encode()}
+
+        return self.obfuscator(name, _add_numbered(folder, (self.obfuscators(name) or [0])[-1] + 1, files))
 
 
 def class_names(meta: dict[str, str], name: str | Path) -> tuple[str, ...]:
@@ -366,6 +464,34 @@ def _complete(version_folder: Path) -> bool:
         return (version_folder / MANIFEST).is_file()
     except OSError:  # unreadable: listed, so that loading it says why it is refused
         return True
+
+
+def _add_numbered(folder: Path, version: int, files: Callable[[int], dict[str, bytes]]) -> int:
+    """Write `files(version)` into a hidden temporary folder and rename it to `folder/version`, the next free number
+    from `version` on (another writer may take one first: rename refuses, the next one is tried); synced before and
+    after. A numbered folder is therefore complete or absent. Returns the number taken."""
+    _make_dirs(folder)
+    _remove_stale(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=folder))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700: a server running as another user could not read the version
+        while True:
+            for old in tmp.iterdir():
+                old.unlink()
+            for file, data in files(version).items():
+                _write(tmp / file, data)
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, folder / str(version))
+                fsync_dir(folder)
+                return version
+            except OSError:
+                if not (folder / str(version)).exists():
+                    raise
+                version += 1
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _make_dirs(folder: Path) -> None:

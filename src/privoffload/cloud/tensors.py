@@ -1,7 +1,7 @@
 """The classifier's tensors in protocol terms: check an inference request, build its response.
 
 Input `images`: UINT8 pixels 0..255 or FP32 in [0, 1], shape [N, C, H, W], the model's own (its manifest's
-`shape`). Outputs: `probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the model's class
+`shape`); `parameters.obfuscator_version` optionally announces the client's obfuscator version ("3" or 3). Outputs: `probabilities` FP32 [N, classes], `class` INT64 [N], `label` BYTES [N] (the model's class
 names). Nothing here imports torch: large JSON bodies are parsed by `parse_body` in other processes
 (cloud/app.py), which import only this module and numpy.
 """
@@ -20,7 +20,7 @@ from ..oip import WireError
 INPUT = "images"
 INPUT_DATATYPES = ("UINT8", "FP32")
 OUTPUTS = ("probabilities", "class", "label")
-Parsed = tuple[np.ndarray, list[tuple[str, bool]], "str | None"]
+Parsed = tuple[np.ndarray, list[tuple[str, bool]], "str | None", "int | None"]
 
 
 def metadata(classes: int, shape: tuple[int, int, int]) -> tuple[list[dict], list[dict]]:
@@ -53,7 +53,8 @@ def parse_body(body: bytes, header_length: str | None, max_images: int, shape: t
 
 
 def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[int, int, int]) -> Parsed:
-    """-> (float32 images [N, *shape] in [0, 1], [(output, binary)], request id). WireError if malformed."""
+    """-> (float32 images [N, *shape] in [0, 1], [(output, binary)], request id, announced obfuscator version or
+    None). WireError if malformed."""
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("id must be a string")
@@ -82,7 +83,17 @@ def parse_request(header: dict, tail: memoryview, max_images: int, shape: tuple[
         if arr.min() < 0 or arr.max() > 1:
             raise WireError("FP32 pixels must lie in [0, 1]")
         x = arr
-    return x, _outputs(header, params), request_id
+    return x, _outputs(header, params), request_id, _obfuscator_version(params)
+
+
+def _obfuscator_version(params: dict) -> int | None:
+    v = params.get("obfuscator_version")
+    if v is None:
+        return None
+    text = str(v) if oip.is_int(v) else v
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or text.startswith("0") or len(text) > 9:
+        raise WireError("parameters.obfuscator_version must be a version number such as \"1\"")
+    return int(text)
 
 
 def _outputs(header: dict, params: dict) -> list[tuple[str, bool]]:

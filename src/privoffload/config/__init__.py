@@ -26,6 +26,6 @@ from .experiments import PROFILES, EpsilonSweepConfig, SweepConfig, UtilitySweep
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
 from .values import model_name
-from .training import (ATTACKS, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, DataConfig, IdentifyConfig,
-                       InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig, ResyncConfig, SuiteConfig,
-                       TrainConfig)
+from .training import (ATTACKS, COMPAT_LOSSES, QUERY_KINDS, AdaptiveConfig, AttackConfig, ClassifierConfig, CompatConfig,
+                       DataConfig, IdentifyConfig, InversionConfig, LdpConfig, ObfuscatorConfig, OptimConfig,
+                       ResyncConfig, SuiteConfig, TrainConfig)

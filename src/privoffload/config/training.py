@@ -87,6 +87,33 @@ class TrainConfig(DataConfig):
         subset(self.test_subset)
 
 
+COMPAT_LOSSES = ("kl", "focal")
+
+
+@dataclass
+class CompatConfig:
+    """Compatible-update training (docs/drift-robustness.md): while C trains on clean images, its answers on the 8-bit
+    uploads of the same images by each obfuscator the cloud has published are kept close to the answers of the
+    classifier that obfuscator was trained against, so that the update does not break it."""
+
+    obfuscators: list[str] = field(default_factory=list)  # published obfuscator run folders; empty = no term
+    weight: float = 1.0  # the term's weight beside the clean cross-entropy (its mean over the obfuscators)
+    loss: str = "kl"  # kl: KL(old C || new C) on every upload | focal: only where the old C named the right class
+    val_split: float = 0.0  # share of `subset` held out: each epoch scores the term's effect there (choosing loss and weight)
+    max_grad_norm: float = 5.0  # with the term, each step's gradient norm is clipped to this (it diverged without, at toy sizes)
+
+    def validate(self) -> None:
+        choice("compat.loss", self.loss, COMPAT_LOSSES)
+        if not self.weight >= 0:
+            raise UserError(f"config: compat.weight = {self.weight!r} must be >= 0")
+        if not self.max_grad_norm > 0:
+            raise UserError(f"config: compat.max_grad_norm = {self.max_grad_norm!r} must be > 0")
+        if not 0 <= self.val_split < 1:
+            raise UserError(f"config: compat.val_split = {self.val_split!r} is a share of the subset, from 0 to below 1")
+        if len(set(self.obfuscators)) != len(self.obfuscators):
+            raise UserError(f"config: compat.obfuscators {self.obfuscators} names a run twice")
+
+
 @dataclass
 class ClassifierConfig(TrainConfig):
     """Training of the cloud classifier C (a CIFAR ResNet18)."""
@@ -95,11 +122,13 @@ class ClassifierConfig(TrainConfig):
     width: int = 64  # channels of the first stage; 64 is the real ResNet18
     init: str = ""  # run folder whose classifier weights to start from ("" = random init)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)  # keep published obfuscators working (off when empty)
 
     def validate(self) -> None:
         super().validate()
         positive("width", self.width)
         self.optim.validate("optim")
+        self.compat.validate()
 
 
 def _adam(lr: float, warmup_epochs: float = 0.0, schedule: str = "constant") -> OptimConfig:

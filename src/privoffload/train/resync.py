@@ -10,6 +10,11 @@ to the API's probabilities; S starts from the classifier O was synced to, which 
 then plays the game against S. Every image sent is one query; `Budget` refuses to go past the cap.
 Re-querying each round matters: O moves, and S is only right where it was shown answers.
 
+Output remapping (`fit_remap`, `Remapped`) can come first in either: a classes x classes map from the API's
+log-probabilities on O's uploads of labelled images to the labels, fitted once, undoes a systematic confusion of
+classes without a game step; the game then plays against the remapped classifier (or surrogate), and the client reads
+the API's answers through the same map. What the game adds is its gain over the remap.
+
 These are algorithms on networks and tensors: the client (client/resync.py) runs them against a live
 service, the protocol (experiments/protocol.py) against a local copy of the cloud's classifier.
 """
@@ -17,6 +22,7 @@ service, the protocol (experiments/protocol.py) against a local copy of the clou
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -130,7 +136,7 @@ def white_box(obf: nn.Module, deobf: nn.Module, classifier: nn.Module, data: Dev
 
 def black_box(obf: nn.Module, deobf: nn.Module, api: Budget, data: DeviceData, cfg: ResyncConfig,
               candidates: list[nn.Module], *, on_eval: OnEval | None = None,
-              on_round: Callable[[dict], None] | None = None) -> nn.Module:
+              on_round: Callable[[dict], None] | None = None, remap: nn.Linear | None = None) -> nn.Module:
     """Fine-tune O and D (in place) against a surrogate distilled from the API's answers; returns the surrogate.
 
     Round r sends query_growth ** r parts of the budget (growing rounds trace the query-budget curve in one run:
@@ -139,7 +145,8 @@ def black_box(obf: nn.Module, deobf: nn.Module, api: Budget, data: DeviceData, c
     `candidates` are classifiers the surrogate may start from (the one O was synced to, any stand-ins for the
     update): a copy of the one whose answers agree best with the API's first round is distilled; none is changed.
     After each round `on_round` gets the round, the queries spent and the surrogate's agreement with the API on
-    that round's held-out queries, so that a failure can be blamed on the surrogate or on the game.
+    that round's held-out queries, so that a failure can be blamed on the surrogate or on the game. With `remap`
+    (fitted on the API's answers), the game plays against the remapped surrogate; the surrogate itself learns the API.
     """
     device, bf16 = data.device, use_bf16(cfg.precision, data.device)
     game = _Game(obf, deobf, data, cfg)
@@ -154,7 +161,7 @@ def black_box(obf: nn.Module, deobf: nn.Module, api: Budget, data: DeviceData, c
         n = max(1, int(api.left * later[0] / sum(later)))
         idx = order[torch.arange(sent, sent + n, device=device) % len(data)]
         sent += n
-        guide = surrogate if surrogate is not None else candidates[0]
+        guide = remapped(surrogate if surrogate is not None else candidates[0], remap)
         pixels = make_queries(obf, deobf, data.x[idx].float() / 255, data.y[idx], cfg, guide, draw, bf16)
         probs = complete(torch.from_numpy(api(pixels.cpu().numpy())).to(device))
         held = torch.rand(len(pixels), generator=draw).to(device) < cfg.held_out
@@ -170,7 +177,7 @@ def black_box(obf: nn.Module, deobf: nn.Module, api: Budget, data: DeviceData, c
                       "agreement": top1_agreement(surrogate, pixels[held], probs[held], bf16) if held.any() else None})
         # 3. the game against the surrogate, for this round's share of the steps
         n_steps = cfg.steps * (r + 1) // cfg.rounds - cfg.steps * r // cfg.rounds
-        game.play(Readability(frozen(surrogate)), n_steps, on_eval, api.used)
+        game.play(Readability(frozen(remapped(surrogate, remap))), n_steps, on_eval, api.used)
         if on_eval and game.steps % cfg.eval_every:
             on_eval(game.steps, api.used)
     return surrogate
@@ -268,6 +275,36 @@ def fit_remap(probs: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> nn
 
     opt.step(closure)
     return remap.requires_grad_(False)
+
+
+class Remapped(nn.Module):
+    """A classifier whose answers are read through an output map: remap(log softmax(C(x))), the features
+    `fit_remap` was fitted on."""
+
+    def __init__(self, classifier: nn.Module, remap: nn.Linear):
+        super().__init__()
+        self.classifier, self.remap = classifier, remap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.remap(F.log_softmax(self.classifier(x).float(), 1).clamp(min=math.log(1e-6)))
+
+
+def remapped(classifier: nn.Module, remap: nn.Linear | None) -> nn.Module:
+    """`classifier` read through `remap`; itself where there is no map."""
+    return classifier if remap is None else Remapped(classifier, remap)
+
+
+def remap_state(remap: nn.Linear) -> dict[str, list]:
+    """A fitted map as plain lists (it is classes x classes + classes numbers): a JSON record, read by `remap_from`."""
+    return {"weight": remap.weight.tolist(), "bias": remap.bias.tolist()}
+
+
+def remap_from(state: dict[str, list], device: torch.device | str = "cpu") -> nn.Linear:
+    weight = torch.tensor(state["weight"], dtype=torch.float32)
+    remap = nn.Linear(weight.shape[1], weight.shape[0]).requires_grad_(False)
+    remap.weight.copy_(weight)
+    remap.bias.copy_(torch.tensor(state["bias"], dtype=torch.float32))
+    return remap.to(device)
 
 
 def game_lambda(cfg: ResyncConfig, obfuscator_file: str | Path) -> float:

@@ -2,8 +2,9 @@
 
     paper.py     c0, o0, drift, recovery, scores                       the paper's protocol
     privacy.py   privacy (the final O), privacy-o0, identify           the attack suite
-    robust.py    trajectory, robust, control, attack-o0, attack-robust, robust-drift   a drift-robust obfuscator
-    resync.py    whitebox, blackbox, remap                             bringing O0 back after the update
+    updates.py   drift-replicas, compatible-drift                      the update again, and as a compatible update
+    robust.py    stand-ins, robust, control, attack-o0, attack-robust, robust-drift   a drift-robust obfuscator
+    resync.py    remap, whitebox, blackbox                             bringing O0 back after the update
     live.py      live                                                  the update as the user sees it
 
 `make run` (reproduce's default, `--stages main`) runs the paper's stages and the attack suite on the final
@@ -13,7 +14,7 @@ obfuscator; `--stages all`, a group (paper, privacy, beyond) or stage names sele
 from __future__ import annotations
 
 from ..stage import Stage, protocol_config
-from . import live, paper, privacy, resync, robust
+from . import live, paper, privacy, resync, robust, updates
 
-STAGES: list[Stage] = [*paper.STAGES, *privacy.STAGES, *robust.STAGES, *resync.STAGES, *live.STAGES]
+STAGES: list[Stage] = [*paper.STAGES, *privacy.STAGES, *updates.STAGES, *robust.STAGES, *resync.STAGES, *live.STAGES]
 ProtocolConfig = protocol_config(STAGES, __name__)
