@@ -272,6 +272,48 @@ def sweep_lambda_cmd(
     typer.echo(f"frontier: {path} and {path.with_suffix('.png')}")
 
 
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """"8,16" -> [8, 16]; a bad list is one line."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of whole numbers, e.g. 8,16") from None
+
+
+@command("sweep-utility")
+def sweep_utility_cmd(
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="classifier run folder (C, kept frozen)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for the runs, utility.json and utility.png")] = ...,
+    widths: Annotated[Optional[str], typer.Option("--widths", help="codec widths of O, e.g. 8,16")] = None,
+    epochs: Annotated[Optional[str], typer.Option("--epochs", help="epoch budgets, e.g. 4,16 (a point stops earlier "
+                                                                   "once converged)")] = None,
+    subsets: Annotated[Optional[str], typer.Option("--subsets", help="training images, e.g. first:10000,first:20000")] = None,
+    losses: Annotated[Optional[str], typer.Option("--losses", help="ce, distill or both: ce,distill")] = None,
+    val_subset: Annotated[Optional[str], typer.Option("--val-subset", help="the validation split (training images no "
+                                                                           "point trains on)")] = None,
+    config: ConfigOpt = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override, e.g. obfuscator.patience=3 or "
+                                                                    "obfuscator.flip=true")] = None,
+    data: DataOpt = None, device: DeviceOpt = "auto",
+):
+    """O alone (lam = 0) against a frozen C over width, epochs, training images and loss, each point trained until its
+    validation utility stops improving: a table of share-of-clean against training seconds (rerun to continue)."""
+    from .config import UtilitySweepConfig
+    from .experiments.utility import sweep_utility, table
+
+    cfg = settings(UtilitySweepConfig, config, set_, **{
+        "widths": int_list(widths, "--widths"), "epochs": int_list(epochs, "--epochs"),
+        "subsets": [v.strip() for v in subsets.split(",") if v.strip()] if subsets is not None else None,
+        "losses": [v.strip() for v in losses.split(",") if v.strip()] if losses is not None else None,
+        "obfuscator.classifier": classifier, "obfuscator.val_subset": val_subset,
+        **{f"obfuscator.{k}": v for k, v in data_of(classifier, None, None).items()}})
+    path = sweep_utility(cfg, out, device=device, data_root=data)
+    typer.echo("\n".join(table(json.loads(path.read_text())["points"])))
+    typer.echo(f"sweep: {path} and {path.with_suffix('.png')}")
+
+
 @command("sweep-epsilon")
 def sweep_epsilon_cmd(
     obfuscator: Annotated[Optional[Path], typer.Option("--obfuscator", help="obfuscator run folder")] = None,

@@ -166,8 +166,9 @@ def load_classifier(run: str | Path, device: torch.device | str = "cpu") -> nn.M
 
 
 def load_codec(run: str | Path, name: str = "obfuscator", device: torch.device | str = "cpu") -> nn.Module:
-    """O (name="obfuscator") or its co-trained D (name="deobfuscator") of an obfuscator run, as a network."""
-    return nets.load(run_weights(run, f"{name}.safetensors", "obfuscator"), expect="codec", device=device)
+    """O (name="obfuscator", a codec) or its co-trained D (name="deobfuscator", a codec or a U-Net) of an obfuscator run."""
+    return nets.load(run_weights(run, f"{name}.safetensors", "obfuscator"),
+                     expect="codec" if name == "obfuscator" else nets.DECODERS, device=device)
 
 
 def load_attacker(run: str | Path, device: torch.device | str = "cpu") -> nn.Module:

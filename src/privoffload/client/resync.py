@@ -44,7 +44,7 @@ class ClientState:
         path.mkdir(parents=True, exist_ok=True)
         cfg = config_mod.load(ObfuscatorConfig, run / "config.toml")
         nets.save(load_classifier(cfg.classifier), path / "classifier.safetensors")
-        nets.save(nets.load(run / "deobfuscator.safetensors", expect="codec"), path / "deobfuscator.safetensors")
+        nets.save(nets.load(run / "deobfuscator.safetensors", expect=nets.DECODERS), path / "deobfuscator.safetensors")
         nets.save(nets.load(run / "obfuscator.safetensors", expect="codec"), path / "obfuscator.safetensors",
                   model_version=model_version, lam=repr(cfg.lam), dataset=dataset_of(run))
         return cls(path)
@@ -56,7 +56,7 @@ class ClientState:
     def networks(self, device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Module, nn.Module | None]:
         classifier = self.path / "classifier.safetensors"
         return (nets.load(self.path / "obfuscator.safetensors", expect="codec", device=device),
-                nets.load(self.path / "deobfuscator.safetensors", expect="codec", device=device),
+                nets.load(self.path / "deobfuscator.safetensors", expect=nets.DECODERS, device=device),
                 nets.load(classifier, expect="resnet18", device=device) if classifier.exists() else None)
 
     def save(self, obf: nn.Module, deobf: nn.Module, classifier: nn.Module, model_version: str, mode: str,

@@ -22,7 +22,7 @@ come from the environment instead:
 """
 
 from .client import DriftConfig
-from .experiments import PROFILES, EpsilonSweepConfig, SweepConfig
+from .experiments import PROFILES, EpsilonSweepConfig, SweepConfig, UtilitySweepConfig
 from .loader import from_dict, load, parse_override, to_dict, to_toml
 from .service import ServeConfig
 from .values import model_name

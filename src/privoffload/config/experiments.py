@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from .loader import choice, subset
+from .loader import choice, positive, subset
 from .training import AttackConfig, LdpConfig, ObfuscatorConfig, SuiteConfig
 
 
@@ -32,6 +32,46 @@ class SweepConfig:
         for lam in self.lams:
             dataclasses.replace(self.obfuscator, lam=lam).validate()
         dataclasses.replace(self.suite, obfuscator="(each obfuscator of the sweep)").validate()
+
+
+LOSSES = ("ce", "distill")
+
+
+@dataclass
+class UtilitySweepConfig:
+    """What utility costs: O at lam = 0 against a frozen C, one run per width x epochs x training images x loss, each
+    trained until its validation utility stops improving (`obfuscator.patience`) or flagged, and scored on the
+    validation split `obfuscator.val_subset` (training images no point trains on), never on the test split."""
+
+    widths: list[int] = field(default_factory=lambda: [8, 16])
+    epochs: list[int] = field(default_factory=lambda: [4, 16])  # budgets: a point may stop earlier (converged)
+    subsets: list[str] = field(default_factory=lambda: ["first:10000"])
+    losses: list[str] = field(default_factory=lambda: list(LOSSES))  # ce: labels; distill: + T^2 KL to C's clean logits
+    distill: float = 1.0  # the distillation weight of the "distill" points
+    # the rest of every point (its width, epochs, subset, loss and lam = 0 are set per point): D rests, validation
+    # on 2,000 training images beyond the first 45,000, stopping after 2 epochs without a better validation utility
+    obfuscator: ObfuscatorConfig = field(default_factory=lambda: ObfuscatorConfig(
+        lam=0.0, d_idle=True, val_subset="range:48000:50000", patience=2, eval_every=1000))
+
+    def validate(self) -> None:
+        for name in ("widths", "epochs", "subsets", "losses"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise UserError(f"config: {name} {values} must be a non-empty list without repeats")
+        for loss in self.losses:
+            choice("losses[]", loss, LOSSES)
+        positive("distill", self.distill)
+        if not self.obfuscator.val_subset:
+            raise UserError("config: obfuscator.val_subset is empty: every point is scored on a validation split of "
+                            "training images, e.g. range:48000:50000")
+        for point in self.points():
+            point.validate()
+
+    def points(self) -> list[ObfuscatorConfig]:
+        """Every point's config, in the order they run (cheapest widths and budgets first)."""
+        return [dataclasses.replace(self.obfuscator, width=w, epochs=e, subset=s, lam=0.0, soft_targets=False,
+                                    distill=self.distill if loss == "distill" else 0.0)
+                for w in self.widths for e in self.epochs for s in self.subsets for loss in self.losses]
 
 
 @dataclass

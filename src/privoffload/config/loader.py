@@ -44,8 +44,25 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         raise UserError(
             f"config: unknown key {where + '.' if where else ''}{unknown[0]}; known keys: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(hints[k], _over_default(fields[k], v), f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A table given for a nested setting overrides that field's own default, key by key, not its class's defaults:
+    `--set optim.lr=0.01` keeps an attack's Adam, where its class alone would say SGD."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    return _merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

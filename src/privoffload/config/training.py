@@ -161,6 +161,21 @@ class ObfuscatorConfig(TrainConfig):
     recon_cap: bool = False  # O gains nothing for pushing D's error on an image past the mean image's error on it
     d_steps: int = 1  # D's steps per O step (on the same batch)
     soft_targets: bool = False  # O's readability loss: CE to C's soft outputs on the clean x instead of the labels
+    # the utility-first recipe (docs/method-decisions.md): utility first, privacy on top; every default is the plain game
+    distill: float = 0.0  # weight of T^2 * KL(C(x) || C(O(x))) at temperature T, added to CE on the labels
+    temperature: float = 4.0  # T of `distill`
+    val_subset: str = ""  # training images held out of `subset` as O's validation split ("" = none): the gate and stopping read it
+    patience: int = 0  # epochs without a better validation utility: at lam = 0 training stops, before the gate it opens
+    utility_target: float = 0.0  # the gate: lam stays 0 until validation upload accuracy / C's clean accuracy reaches this,
+    #                              and is halved whenever it falls below (0 = no gate: lam from the first step); a stage
+    #                              that continues an O (init) starts with the gate open, its utility held all the same
+    gate_epoch: int = 0  # the gate opens after this epoch at the latest (0 = only by the target or a plateau)
+    lam_ramp_epochs: float = 0.0  # once the gate is open, lam rises linearly from 0 over this many epochs
+    d_arch: str = "codec"  # D: codec (Table I) | unet (the stronger decoder)
+    d_width: int = 0  # D's width (0 = width)
+    d_reset_every: int = 0  # D (weights and optimiser) starts afresh every this many epochs (0 = never)
+    d_idle: bool = False  # D takes no steps while lam is 0 (the gate closed, or a lam = 0 run): its scores are then stale
+    autoencoder_epochs: int = 0  # O's first epochs rebuild x (MSE; no C, no D), unless it continues an O (init)
     optim_o: OptimConfig = field(default_factory=lambda: _adam(3e-3, warmup_epochs=0.2, schedule="linear"))
     optim_d: OptimConfig = field(default_factory=lambda: _adam(1e-3))
 
@@ -178,6 +193,18 @@ class ObfuscatorConfig(TrainConfig):
                             f"the {len(self.ensemble)} ensemble classifiers")
         choice("recon_loss", self.recon_loss, ("mse", "l1"))
         positive("d_steps", self.d_steps)
+        choice("d_arch", self.d_arch, ("codec", "unet"))
+        positive("temperature", self.temperature)
+        for name in ("distill", "lam_ramp_epochs", "d_width", "d_reset_every", "patience", "gate_epoch", "autoencoder_epochs"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"config: {name} = {getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.utility_target <= 1:
+            raise UserError(f"config: utility_target = {self.utility_target!r} is a share of clean accuracy, from 0 to 1")
+        if self.val_subset:
+            subset(self.val_subset)
+        elif self.utility_target or self.patience:
+            raise UserError("config: utility_target and patience read a validation split: set val_subset, "
+                            "e.g. val_subset = \"range:48000:50000\"")
         self.optim_o.validate("optim_o")
         self.optim_d.validate("optim_d")
 

@@ -197,8 +197,10 @@ class DeviceData:
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, flip_images: bool = False, seed: int = 0,
-                drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False):
-        """Yield `cut` batches: (float images in [0, 1], labels). `seed` fixes both the order and the flips."""
+                drop_last: bool = False, rank: int = 0, world: int = 1, channels_last: bool = False,
+                indices: bool = False):
+        """Yield `cut` batches: (float images in [0, 1], labels); with `indices` also each image's position in this
+        data and whether it was mirrored (for values cached per image). `seed` fixes both the order and the flips."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         flips = torch.rand(len(self), generator=gen) < 0.5  # one draw per position of the epoch
@@ -206,7 +208,8 @@ class DeviceData:
         order, flips = order[mine].to(self.device), flips[mine].to(self.device)
         for i in range(self.steps(batch_size, drop_last, world)):
             part = slice(i * batch_size, (i + 1) * batch_size)
-            yield self.cut(order[part], flips[part] if flip_images else None, channels_last)
+            batch = self.cut(order[part], flips[part] if flip_images else None, channels_last)
+            yield (*batch, order[part], flips[part] & flip_images) if indices else batch
 
     def cut(self, idx: torch.Tensor, flips: torch.Tensor | None, channels_last: bool) -> tuple:
         """One batch: the images at `idx` (mirrored where `flips` is set) as floats, and their labels."""

@@ -96,6 +96,33 @@ def frontier(points: Sequence[Mapping] | Mapping[str, Sequence[Mapping]], path: 
     return _save(fig, path)
 
 
+def utility_cost(points: Sequence[Mapping], path: str | Path, *, target: float = 0.9,
+                 title: str = "What utility costs: O alone against a frozen C") -> Path:
+    """Share of clean accuracy on the validation split against training seconds, one point per run: colour by width,
+    marker by loss, filled where the run converged (hollow: budget spent first), labelled with its epochs."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    widths = sorted({p["width"] for p in points})
+    markers = {"ce": "o", "distill": "s"}
+    for p in points:
+        color = f"C{widths.index(p['width'])}"
+        ax.plot(p["seconds"], 100 * p["utility"], markers.get(p["loss"], "^"), color=color, ms=6,
+                mfc=color if p["converged"] else "none")
+        ax.annotate(f"{p['epochs']}", (p["seconds"], 100 * p["utility"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{i}", marker="o", ls="", label=f"width {w}") for i, w in enumerate(widths)]
+    handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=loss) for loss, m in markers.items()
+                if any(p["loss"] == loss for p in points)]
+    handles.append(plt.Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="not converged"))
+    ax.axhline(100 * target, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds on this machine (log; labels: epochs run)")
+    ax.set_ylabel("upload accuracy, % of clean (validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def accuracy_bars(bars: Mapping[str, Estimate], path: Path) -> Path:
     """Fig. 5: accuracy of the models before and after further training, with 95 % intervals over seeds."""
     names = [k for k, e in bars.items() if e.n]

@@ -28,10 +28,11 @@ from .unet import AnswerDecoder, UNet, answer_features, unet
 # name -> class; each class is built as cls(width) and keeps `.width`
 ARCHS: dict[str, type[nn.Module]] = {"resnet18": ResNet18, "codec": Codec, "unet": UNet, "answer": AnswerDecoder}
 READS_ANSWER = ("unet", "answer")  # built with num_classes when given: they (may) read C's answer
+DECODERS = ("codec", "unet")  # what a deobfuscator (co-trained D, attacker) may be: images in, images out
 MAX_WIDTH = 512  # a ResNet18 this wide has 700M parameters; a file claiming more is refused before anything is built
 WIDTH = re.compile(r"[1-9][0-9]{0,3}")
 
-__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "AnswerDecoder", "answer_features", "decode", "ARCHS", "build", "arch_of", "image_of", "image_shape",
+__all__ = ["ResNet18", "resnet18", "Codec", "codec", "UNet", "unet", "AnswerDecoder", "answer_features", "decode", "ARCHS", "DECODERS", "build", "arch_of", "image_of", "image_shape",
            "image_args", "save", "load", "load_bytes", "load_into", "read_file", "read_header", "read_metadata"]
 MAX_SIDE, MAX_CLASSES = 1024, 10_000  # bounds on what a file's metadata may ask to build
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -177,19 +178,21 @@ def read_header(data: bytes, name: str) -> tuple[dict[str, str], dict[str, list[
     return meta, shapes
 
 
-def load(path: str | Path, expect: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild the network a weights file describes; refuse files for another architecture."""
+def load(path: str | Path, expect: str | tuple[str, ...] | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the network a weights file describes; refuse files for another architecture (`expect`: one or several)."""
     return load_bytes(read_file(path), str(path), expect, device)
 
 
-def load_bytes(data: bytes, name: str, expect: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+def load_bytes(data: bytes, name: str, expect: str | tuple[str, ...] | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
     """`load` for a file already read (`name` says which, in messages). The metadata, tensor names and shapes
     are checked against the architecture before the network is built: a hostile file costs no memory."""
     meta, shapes = read_header(data, name)
     if "arch" not in meta or "width" not in meta:
         raise UserError(f"{name} has no architecture metadata; it was not written by privoffload")
-    if meta["arch"] not in ARCHS or (expect and meta["arch"] != expect):
-        raise UserError(f"{name} holds a {meta['arch'][:20]}, expected a {expect or ' or '.join(ARCHS)}")
+    allowed = (expect,) if isinstance(expect, str) else tuple(expect or ARCHS)
+    if meta["arch"] not in ARCHS or meta["arch"] not in allowed:
+        raise UserError(f"{name} holds a {meta['arch'][:20]}, expected a {' or '.join(allowed)}")
     if not WIDTH.fullmatch(meta["width"]) or int(meta["width"]) > MAX_WIDTH:
         raise UserError(f"{name} gives the width {meta['width'][:20]!r}, not a number from 1 to {MAX_WIDTH}")
     arch, width, image = meta["arch"], int(meta["width"]), image_args(meta, name)

@@ -10,10 +10,15 @@ stay exactly as the cloud trained them. The obfuscator trainer plays it epoch af
 
 Drift robustness (`Readability` with extras, docs/drift-robustness.md): the CE term becomes a weighted
 mean over C and extra frozen classifiers that look like C's next updates, so O(x) stays readable when C moves.
+
+The utility-first recipe (docs/method-decisions.md) keeps this step and changes what goes into it: O's loss also
+distils C's answer on the clean image (`distillation`), and lam follows `UtilityGate`: 0 until O's utility on a
+validation split reaches a target (or stops rising), then a ramp, held back whenever utility falls below the target.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
@@ -66,6 +71,71 @@ class Readability:
         return (ce + self.weight * extra) / (1 + self.weight * len(self.extras)), logits
 
 
+def distillation(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(logits / T)), batch mean: O keeps what C sees in x, not only the label
+    (Hinton et al.'s knowledge distillation; T^2 keeps the gradient's scale as T changes)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher.float() / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+class UtilityGate:
+    """lam per step under the utility-first recipe: privacy is switched on only once utility is there.
+
+    Closed (lam 0) until O's validation utility (upload accuracy / C's clean accuracy) reaches `target`, or has not
+    improved for `patience` validations, or `latest` epochs have passed; then lam rises linearly to `lam` over
+    `ramp_steps` steps. While open, a validation below `target` halves lam's scale and one at or above doubles it
+    back (at most 1): utility is held at the target, privacy takes what is left. With lam = 0 there is no gate, and
+    `patience` validations without improvement stop training (`stop`). Without any of these settings lam is `lam`
+    from the first step: the paper's game. `opened` (a stage that continues a trained O) starts with the gate open
+    and the ramp done: only the hold acts. Saved with the checkpoint (`state_dict`).
+    """
+
+    def __init__(self, lam: float, *, target: float = 0.0, patience: int = 0, latest: int = 0, ramp_steps: int = 0,
+                 opened: bool = False):
+        self.lam_max, self.target, self.patience, self.latest, self.ramp_steps = lam, target, patience, latest, ramp_steps
+        gated = lam > 0 and (target > 0 or patience > 0 or latest > 0) and not opened
+        self.opened_at = None if gated else (-ramp_steps if opened else 0)  # the step at which lam began to rise
+        self.steps, self.scale, self.best, self.best_epoch, self.since = 0, 1.0, -math.inf, 0, 0
+
+    @property
+    def open(self) -> bool:
+        return self.opened_at is not None
+
+    def lam(self) -> float:
+        """lam for the next step (and count that step)."""
+        self.steps += 1
+        if self.opened_at is None:
+            return 0.0
+        ramp = min(1.0, (self.steps - self.opened_at) / self.ramp_steps) if self.ramp_steps else 1.0
+        return self.lam_max * ramp * self.scale
+
+    def update(self, epoch: int, utility: float | None) -> None:
+        """At the end of `epoch` (1-based), with the validation utility (None: no validation split)."""
+        if utility is not None:
+            if utility > self.best:
+                self.best, self.best_epoch, self.since = utility, epoch, 0
+            else:
+                self.since += 1
+        if self.opened_at is None:
+            if (self.latest and epoch >= self.latest) or (utility is not None and (
+                    (self.target and utility >= self.target) or (self.patience and self.since >= self.patience))):
+                self.opened_at = self.steps
+        elif self.target and utility is not None:
+            self.scale = self.scale / 2 if utility < self.target else min(1.0, self.scale * 2)
+
+    @property
+    def stop(self) -> bool:
+        return self.lam_max == 0 and self.patience > 0 and self.since >= self.patience
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("opened_at", "steps", "scale", "best", "best_epoch", "since")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
 def game_step(obf_net: nn.Module, deobf_net: nn.Module, readability: Callable, xb: torch.Tensor, yb: torch.Tensor,
               opt_o: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, *, lam: float, recon: Loss,
               device: torch.device, bf16: bool, d_steps: int = 1,
@@ -74,13 +144,16 @@ def game_step(obf_net: nn.Module, deobf_net: nn.Module, readability: Callable, x
 
     `readability(z, y)` -> (classification loss, logits): a `Readability`, or a surrogate's in black-box re-sync.
     `yb` may be labels or C's soft outputs (probabilities). Recipe options: `d_steps` D steps on the batch before
-    O's step; `recon_cap` (an image, e.g. the mean training image): O's reward for D's error on an image stops at
+    O's step (0: D rests, and its loss comes back as nan; then lam must be 0); `recon_cap` (an image, e.g. the mean training image): O's reward for D's error on an image stops at
     the error that image would have if answered by `recon_cap`, so O cannot gain by making D's output worse than
     a guess (anti-correlated), which no fresh attacker would copy.
     """
     deobf = getattr(deobf_net, "module", deobf_net)
+    if d_steps == 0 and lam > 0:
+        raise ValueError("D must play (d_steps > 0) when lam > 0")
     with autocast(device, bf16):
         z = obf_net(xb).float()
+    loss_d = torch.full((), float("nan"), device=xb.device)
     for _ in range(d_steps):  # 1. D's steps, on the upload as given: O(x) detached, so they cannot move O
         with autocast(device, bf16):
             loss_d = recon(deobf_net(z.detach()).float(), xb)

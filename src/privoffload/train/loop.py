@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import nets
 from ..config import OptimConfig, TrainConfig
-from ..data import Dataset, DeviceData, load_dataset, parse_size, select
+from ..data import Dataset, DeviceData, load_dataset, parse_size, select, subset_indices
 from ..errors import UserError
 from ..runs import RunDir
 from ..runtime import Dist, autocast, epoch_seed, init_dist, pick_device, rank_device, use_bf16
@@ -168,19 +169,27 @@ class Context:
 
     @classmethod
     def open(cls, cfg: TrainConfig, out: str | Path, *, data: Dataset | None = None, device: str = "auto",
-             data_root: str | Path | None = None, val_split: float = 0.0) -> "Context":
+             data_root: str | Path | None = None, val_split: float = 0.0, val_subset: str = "") -> "Context":
         """Set everything up but the run folder's contents: `fit` starts the run once the task has found its inputs.
 
         `val_split` > 0 carves that share of the training subset (its last images) into `val`, a validation split
-        that training never sees (early stopping reads it, never the test split)."""
+        that training never sees (early stopping reads it, never the test split); `val_subset` names the training
+        images of `val` instead, and those of them the training subset holds are taken out of it."""
         dev = rank_device(pick_device(device))
         dist = init_dist(dev)
         run = RunDir(out, dist)
         data = dataset_for(cfg, data, data_root)
-        x, y = select(data, cfg.subset, cfg.seed)
-        holdout = held_out(len(y), val_split, cfg.subset)
-        val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
-        train = DeviceData(x[:len(y) - holdout], y[:len(y) - holdout], dev)
+        if val_subset:
+            held = subset_indices(val_subset, len(data.y_train), cfg.seed)
+            kept = np.setdiff1d(subset_indices(cfg.subset, len(data.y_train), cfg.seed), held)
+            x, y = data.x_train[kept], data.y_train[kept]
+            val = DeviceData(data.x_train[held], data.y_train[held], dev)
+        else:
+            x, y = select(data, cfg.subset, cfg.seed)
+            holdout = held_out(len(y), val_split, cfg.subset)
+            val = DeviceData(x[len(y) - holdout:], y[len(y) - holdout:], dev) if holdout else None
+            x, y = x[:len(y) - holdout], y[:len(y) - holdout]
+        train = DeviceData(x, y, dev)
         test = DeviceData(*select(data, cfg.test_subset, split="test"), dev)  # the same test images whatever the seed
         batch = cfg.batch_size // dist.world
         steps = train.steps(batch, drop_last=True, world=dist.world)
@@ -210,11 +219,12 @@ class Context:
     def autocast(self):
         return autocast(self.device, self.bf16)
 
-    def batches(self, epoch: int):
-        """This rank's shuffled (optionally flipped) batches of one epoch; the seed fixes order and flips."""
+    def batches(self, epoch: int, indices: bool = False):
+        """This rank's shuffled (optionally flipped) batches of one epoch; the seed fixes order and flips. With
+        `indices`, each batch also says its images' positions in `train` and which were mirrored."""
         return self.train.batches(self.batch, shuffle=True, flip_images=self.cfg.flip, seed=epoch_seed(self.cfg.seed, epoch),
                                   drop_last=True, rank=self.dist.rank, world=self.dist.world,
-                                  channels_last=self.cfg.channels_last)
+                                  channels_last=self.cfg.channels_last, indices=indices)
 
 
 class Task:
@@ -224,6 +234,7 @@ class Task:
     stage: str = "train"
     arch: dict[str, Any]
     parts: dict[str, Any]
+    indexed: bool = False  # step(x, y, idx, flipped): also the batch's positions in ctx.train and its mirrored images
 
     def begin_epoch(self, epoch: int) -> None:
         """Before the epoch's first step (train mode, per-epoch draws)."""
@@ -276,7 +287,7 @@ def fit(ctx: Context, task: Task, *, resume: bool) -> Path:
         task.begin_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         with progress.epoch(epoch + 1, ctx.steps):
-            for batch in ctx.batches(epoch):
+            for batch in ctx.batches(epoch, indices=task.indexed):
                 for key, value in task.step(*batch).items():
                     sums[key] = sums[key] + value if key in sums else value.float()
                 progress.step()
