@@ -33,14 +33,14 @@ FORMATS = [
 
 
 @pytest.fixture(scope="module")
-def test_images(cifar):
+def held_out_images(cifar):
     pick = np.random.default_rng(0).choice(len(cifar.x_test), 500, replace=False)
     return cifar.x_test[pick], cifar.y_test[pick]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_the_exported_obfuscator_uploads_what_the_pytorch_client_uploads(fmt, obfuscator_run, tiny_classifier,
-                                                                          test_images, tmp_path):
+                                                                          held_out_images, tmp_path):
     out = tmp_path / f"obfuscator{SUFFIX[fmt]}"
     report = export(obfuscator_run, fmt, out)
     assert float(report["max_abs_diff"]) < 1e-4  # export ran the written file and compared it with PyTorch
@@ -55,7 +55,7 @@ def test_the_exported_obfuscator_uploads_what_the_pytorch_client_uploads(fmt, ob
 
         assert {p.key: p.value for p in onnx.load(str(out)).metadata_props} == meta
 
-    x, y = test_images
+    x, y = held_out_images
     reference = quantize(load_obfuscator(obfuscator_run, backend="eager")(x))  # the PyTorch client
     uploads = quantize(load_obfuscator(out)(x))  # the exported file, through the client's one door
     assert uploads.shape == reference.shape and uploads.dtype == np.uint8 and uploads.std() > 1
