@@ -26,6 +26,9 @@ bench: $(VENV)
 # npm, copied into the package (git-ignored: the .wasm is 14 MB). The page loads nothing from elsewhere.
 web: $(WEB)
 $(WEB): web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q --no-install-recommends npm >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends npm >/dev/null; }; }; } || true
 	@command -v npm >/dev/null || { echo "npm is missing: install Node.js (apt-get install -y npm) for the browser client"; exit 1; }
 	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error || \
 	  { sleep 5; npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error; }
